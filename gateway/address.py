@@ -1,0 +1,49 @@
+"""Address helpers: which configured mailbox an envelope recipient names.
+
+Pure functions, no I/O. They must never treat an address outside the configured mailboxes
+as ours: that is what keeps gateway from being a relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import MailboxConfig
+
+
+@dataclass(frozen=True)
+class Recipient:
+    mailbox: MailboxConfig
+    tag: str | None  # the part after "+" in support+tag@, if any
+
+
+def split_address(address: str) -> tuple[str, str]:
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, domain
+
+
+def match_mailbox(address: str, mailboxes: Iterable[MailboxConfig]) -> Recipient | None:
+    """The mailbox `address` delivers to, or None if it is not one of ours.
+
+    Local part and domain compare case-insensitively (RFC 5321 leaves local parts to the
+    receiver; every mail program treats Support@ as support@), and ``local+tag@`` reaches
+    ``local@`` with the tag kept for reply tokens.
+    """
+    local, domain = split_address(address.strip())
+    if not local or not domain:
+        return None
+    local = local.lower()
+    domain = domain.lower().rstrip(".")
+    base, plus, tag = local.partition("+")
+    for mailbox in mailboxes:
+        if mailbox.domain == domain and mailbox.local_part == base:
+            return Recipient(mailbox, tag if plus else None)
+    return None
+
+
+def is_our_domain(address: str, mailboxes: Iterable[MailboxConfig]) -> bool:
+    domain = split_address(address.strip())[1].lower().rstrip(".")
+    return any(mailbox.domain == domain for mailbox in mailboxes)

@@ -1,0 +1,335 @@
+"""config.toml -> frozen, validated dataclasses.
+
+Every validation error names the offending key (``smtp.port``) and says why; unknown keys
+are errors too, so a typo is never silently ignored. Nothing here opens sockets or files
+other than the config file itself and the TLS files it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+DEFAULT_CONFIG_NAME = "config.toml"
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+_T = typing.TypeVar("_T")
+
+# Command budgets per session, after Postfix's junk-command model (RELIABILITY.md part 3).
+# "*" is every command not named. MAIL/RCPT/DATA are bounded by the per-connection message
+# and recipient limits instead, so their budgets here only have to be out of the way.
+DEFAULT_COMMAND_LIMITS: Mapping[str, int] = types.MappingProxyType(
+    {
+        "*": 20,
+        "NOOP": 10,
+        "RSET": 50,
+        "HELO": 3,
+        "EHLO": 5,
+        "LHLO": 5,
+        "VRFY": 1,
+        "MAIL": 1000,
+        "RCPT": 100_000,
+        "DATA": 1000,
+    }
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    hostname: str = "support.example.org"
+    protocol: str = "smtp"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    max_connections: int = 100
+    max_connections_per_ip: int = 10
+    timeout: int = 300
+    # Used instead of `timeout` for new connections while more than 80 % of
+    # max_connections are open (Postfix's stress mode).
+    stress_timeout: int = 30
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_hops: int = 30
+    max_rejected_recipients: int = 10
+    max_messages_per_connection: int = 100
+    # Concurrent DATA transfers + parses; each may hold a whole message in memory.
+    data_slots: int = 8
+    # How long a DATA command waits for a free slot before answering 451 4.3.2.
+    data_slot_wait: int = 30
+    smtputf8: bool = True
+    command_limits: Mapping[str, int] = field(default_factory=lambda: DEFAULT_COMMAND_LIMITS)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    database: str = "var/gateway.db"
+    busy_timeout_ms: int = 5000
+    # Refuse new mail (452 4.3.1 at MAIL FROM) when the database's file system has less
+    # free space than this. 0 means 1.5 x max_message_size x data_slots (Postfix's rule).
+    min_free_space: int = 0
+
+
+@dataclass(frozen=True)
+class ParserConfig:
+    workers: int = 2
+    cpu_seconds: int = 10
+    memory_bytes: int = 1 << 30
+    wall_seconds: float = 15.0
+    max_header_bytes: int = 100 * 1024
+    max_header_fields: int = 1000
+    max_field_bytes: int = 16 * 1024
+    max_addresses: int = 100
+    max_mime_depth: int = 20
+    max_mime_parts: int = 200
+    max_boundary_length: int = 2048
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    address: str
+    unit: str = "support"
+
+    @property
+    def local_part(self) -> str:
+        return self.address.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    smtp: SmtpConfig
+    storage: StorageConfig
+    parser: ParserConfig
+    log: LogConfig
+    mailboxes: tuple[MailboxConfig, ...]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config, relative ones taken against the config file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def database_path(self) -> Path:
+        return self.resolve(self.storage.database)
+
+    @property
+    def min_free_space(self) -> int:
+        if self.storage.min_free_space:
+            return self.storage.min_free_space
+        return int(1.5 * self.smtp.max_message_size * self.smtp.data_slots)
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """--config, else $GATEWAY_CONFIG, else ./config.toml."""
+    chosen = explicit or environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME
+    return Path(chosen).expanduser().absolute()
+
+
+def load_config(path: Path) -> Config:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox"}
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    unknown = sorted(set(data) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (expected one of {sorted(_SECTIONS)})")
+    smtp = _build(SmtpConfig, _table(data, "smtp"), "smtp")
+    storage = _build(StorageConfig, _table(data, "storage"), "storage")
+    parser = _build(ParserConfig, _table(data, "parser"), "parser")
+    log = _build(LogConfig, _table(data, "log"), "log")
+    raw_boxes = data.get("mailbox", [])
+    if not isinstance(raw_boxes, list) or not all(isinstance(b, dict) for b in raw_boxes):
+        raise ConfigError("mailbox: must be an array of tables ([[mailbox]])")
+    mailboxes = tuple(
+        _build(MailboxConfig, box, f"mailbox[{i}]") for i, box in enumerate(raw_boxes)
+    )
+    config = Config(
+        path=path, smtp=smtp, storage=storage, parser=parser, log=log, mailboxes=mailboxes
+    )
+    _validate(config)
+    return config
+
+
+def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a table ([{name}])")
+    return value
+
+
+def _build(cls: type[_T], table: Mapping[str, Any], prefix: str) -> _T:
+    """Build dataclass `cls` from a TOML table, type-checking every key."""
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (expected one of {sorted(fields)})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required")
+            continue
+        values[name] = _coerce(table[name], hints[name], key, f.default_factory)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, default_factory: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings, got {value!r}")
+        return tuple(value)
+    if typing.get_origin(hint) is Mapping:
+        # A partial table of integers merged over the defaults, e.g. command limits.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a table, got {value!r}")
+        merged = dict(default_factory())
+        for sub, number in value.items():
+            name = sub.upper()
+            if name not in merged:
+                raise ConfigError(f"{key}.{sub}: unknown name (expected one of {sorted(merged)})")
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ConfigError(f"{key}.{sub}: must be a positive integer, got {number!r}")
+            merged[name] = number
+        return types.MappingProxyType(merged)
+    raise ConfigError(f"{key}: unsupported type {hint!r}")  # a bug in this module
+
+
+def _validate(config: Config) -> None:
+    smtp = config.smtp
+    if not 0 <= smtp.port <= 65535:
+        raise ConfigError(f"smtp.port: must be between 0 and 65535, got {smtp.port}")
+    if smtp.protocol not in ("smtp", "lmtp"):
+        raise ConfigError(f'smtp.protocol: must be "smtp" or "lmtp", got {smtp.protocol!r}')
+    if not smtp.hostname or any(c.isspace() for c in smtp.hostname):
+        raise ConfigError("smtp.hostname: must be a host name without spaces")
+    positive = {
+        "smtp.max_message_size": smtp.max_message_size,
+        "smtp.max_recipients": smtp.max_recipients,
+        "smtp.max_connections": smtp.max_connections,
+        "smtp.max_connections_per_ip": smtp.max_connections_per_ip,
+        "smtp.timeout": smtp.timeout,
+        "smtp.stress_timeout": smtp.stress_timeout,
+        "smtp.max_hops": smtp.max_hops,
+        "smtp.max_rejected_recipients": smtp.max_rejected_recipients,
+        "smtp.max_messages_per_connection": smtp.max_messages_per_connection,
+        "smtp.data_slots": smtp.data_slots,
+        "smtp.data_slot_wait": smtp.data_slot_wait,
+        "storage.busy_timeout_ms": config.storage.busy_timeout_ms,
+        "parser.workers": config.parser.workers,
+        "parser.cpu_seconds": config.parser.cpu_seconds,
+        "parser.memory_bytes": config.parser.memory_bytes,
+        "parser.max_header_bytes": config.parser.max_header_bytes,
+        "parser.max_header_fields": config.parser.max_header_fields,
+        "parser.max_field_bytes": config.parser.max_field_bytes,
+        "parser.max_addresses": config.parser.max_addresses,
+        "parser.max_mime_depth": config.parser.max_mime_depth,
+        "parser.max_mime_parts": config.parser.max_mime_parts,
+        "parser.max_boundary_length": config.parser.max_boundary_length,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.parser.wall_seconds <= 0:
+        raise ConfigError("parser.wall_seconds: must be more than 0")
+    if config.storage.min_free_space < 0:
+        raise ConfigError("storage.min_free_space: must be 0 (automatic) or more")
+    if smtp.max_connections_per_ip > smtp.max_connections:
+        raise ConfigError("smtp.max_connections_per_ip: must not exceed smtp.max_connections")
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        raise ConfigError("smtp.tls_cert: tls_cert and tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(smtp, key)
+        if value and not config.resolve(value).is_file():
+            raise ConfigError(f"smtp.{key}: no such file: {config.resolve(value)}")
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f'log.level: must be "debug", "info", "warning" or "error", got {config.log.level!r}'
+        )
+    if not config.storage.database:
+        raise ConfigError("storage.database: must not be empty")
+    if not config.mailboxes:
+        raise ConfigError("mailbox: at least one [[mailbox]] with an address is required")
+    seen: set[str] = set()
+    normalised = []
+    for i, box in enumerate(config.mailboxes):
+        address = normalise_mailbox(box.address, f"mailbox[{i}].address")
+        if address in seen:
+            raise ConfigError(f"mailbox[{i}].address: {box.address} is configured twice")
+        seen.add(address)
+        if not box.unit.strip():
+            raise ConfigError(f"mailbox[{i}].unit: must not be empty")
+        normalised.append(dataclasses.replace(box, address=address))
+    object.__setattr__(config, "mailboxes", tuple(normalised))
+
+
+def normalise_mailbox(address: str, key: str) -> str:
+    """A configured mailbox: a valid address without a plus tag, lower-cased."""
+    try:
+        valid = validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ConfigError(f"{key}: not a valid address: {exc}") from None
+    if "+" in valid.local_part:
+        raise ConfigError(f"{key}: must not contain '+' (plus tags are accepted automatically)")
+    return f"{valid.local_part.lower()}@{valid.ascii_domain.lower()}"

@@ -1,0 +1,1154 @@
+"""The [parse] stage: received bytes become an InboundMessage, parsed in worker processes with
+CPU, memory and wall-time limits after a cheap linear pre-scan. Nothing here may raise on any
+input, hang its caller, or let one hostile message hold up the others.
+
+The pool is a small hand-written one (one socket pair per worker process, one message per
+worker at a time) rather than ProcessPoolExecutor, because a stuck or over-limit worker must be
+killed on its own: ProcessPoolExecutor can only break as a whole, failing every innocent
+message in flight with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import codecs
+import contextlib
+import email
+import email.charset
+import email.generator
+import email.headerregistry
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import enum
+import io
+import math
+import multiprocessing
+import multiprocessing.context
+import pickle
+import re
+import resource
+import signal
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# --- values ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """Limits on one message; the defaults are RELIABILITY.md part 3."""
+
+    max_header_bytes: int = 100 * 1024  # header block size
+    max_header_fields: int = 1000
+    max_field_bytes: int = 16 * 1024  # one (unfolded) field
+    max_addresses: int = 100  # addresses in one address header
+    max_mime_depth: int = 20
+    max_mime_parts: int = 200
+    max_boundary_length: int = 2048  # hard limit; RFC 2046 §5.1.1 says 70
+    cpu_seconds: int = 10  # per message, in the worker
+    memory_bytes: int = 1 << 30  # RLIMIT_AS of a worker
+    wall_seconds: float = 15.0  # per message, measured by the caller
+
+
+class HeaderViolation(enum.StrEnum):
+    """Reasons to refuse a message at SMTP time (RFC 5322 §2.2, §2.3: CRLF only, no NUL)."""
+
+    NUL_IN_HEADER = "nul-in-header"
+    BARE_LINE_ENDING_IN_HEADER = "bare-line-ending-in-header"
+
+
+@dataclass(frozen=True)
+class HeaderScan:
+    header_bytes: int  # size of the header block (up to and excluding the blank line)
+    field_count: int
+    received_count: int  # number of Received: fields (for the hop limit)
+    violation: str | None  # a HeaderViolation value, or None
+
+
+class Malformed(enum.StrEnum):
+    """Why a message could not be parsed normally (InboundMessage.malformed)."""
+
+    HEADER_LIMIT = "header-limit"
+    TOO_MANY_FIELDS = "too-many-fields"
+    FIELD_TOO_LONG = "field-too-long"
+    MIME_DEPTH = "mime-depth"
+    TOO_MANY_PARTS = "too-many-parts"
+    BOUNDARY_TOO_LONG = "boundary-too-long"
+    TOO_MANY_ADDRESSES = "too-many-addresses"
+    PARSE_TIMEOUT = "parse-timeout"
+    PARSE_MEMORY = "parse-memory"
+    PARSE_CRASH = "parse-crash"
+    UNPARSEABLE = "unparseable"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str | None  # decoded display name, NOT sanitised here
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    message_id: str | None  # as written, angle brackets included, stripped, <= 998 chars
+    from_header: str | None  # decoded From value (display form), None if absent
+    from_addresses: tuple[tuple[str, str], ...]  # (display name, addr-spec) per From address
+    subject: str | None  # decoded (RFC 2047), unfolded, single line
+    date: str | None  # the Date value as written
+    in_reply_to: tuple[str, ...]  # message ids (with angle brackets) found in In-Reply-To
+    references: tuple[str, ...]  # message ids found in References, in order
+    # Every header field (name, decoded unfolded single-line value), bounded by the limits.
+    headers: tuple[tuple[str, str], ...]
+    content_type: str  # of the top-level part, lower-case
+    text: str  # the first inline text/plain part, decoded with its charset; "" if none
+    html: str  # the first inline text/html part, decoded; "" if none
+    attachments: tuple[Attachment, ...]
+    malformed: str | None  # None or a Malformed value
+    defects: tuple[str, ...]  # email-package defects and fields that needed a fallback
+
+
+# --- constants --------------------------------------------------------------------------------
+
+# RFC 5322 §2.1.1: a line is at most 998 characters; a longer message id is not one we keep.
+_MAX_MESSAGE_ID = 998
+_MAX_DEFECTS = 100
+_MAX_DEFECT_CHARS = 200
+_MAX_CHARSET_NAME = 64
+
+# The headers policy.default parses with the (quadratic, RELIABILITY.md part 1) address parser.
+_ADDRESS_HEADERS = frozenset(
+    {
+        b"from",
+        b"sender",
+        b"reply-to",
+        b"to",
+        b"cc",
+        b"bcc",
+        b"resent-from",
+        b"resent-sender",
+        b"resent-to",
+        b"resent-cc",
+        b"resent-bcc",
+    }
+)
+# Headers whose value we keep as written rather than as a parser renders it.
+_AS_WRITTEN = frozenset({"message-id", "date", "in-reply-to", "references"})
+_UNIQUE_HEADERS = frozenset({"from", "subject", "message-id", "date"})
+
+# Codecs that are not safe on hostile bytes: punycode decoding is quadratic, idna refuses
+# errors="replace". Such a charset label is treated as unknown.
+_UNSAFE_CODECS = frozenset({"idna", "punycode", "undefined"})
+
+# Python-side bytes patterns: each is linear (no nested quantifiers, no lazy scans).
+_BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_FIELD_SPLIT = re.compile(rb"\r\n(?![ \t])")
+_BOUNDARY_PARAM = re.compile(
+    rb'boundary(?:\*0?\*?)?[ \t]*=[ \t]*(?:"([^"\r\n]*)"|([^\s;"]+))', re.IGNORECASE
+)
+# A delimiter-line candidate, or a part that the stdlib parser recurses into as a message
+# (every message/* type but delivery-status, see email.feedparser._parsegen).
+_MIME_EVENT = re.compile(
+    rb"^(?:--([^\r\n]*)|content-type[ \t]*:\s*message/(?!delivery-status\b))",
+    re.IGNORECASE | re.MULTILINE,
+)
+_FOLD = re.compile(r"\r?\n(?=[ \t])|\r(?=[ \t])")
+_LINE_BREAKS = re.compile("[\x00\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MSG_ID = re.compile(r"<[^<>\s]{1,996}>")
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]{1,64})(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+_ANGLE_ADDR = re.compile(r"<([^<>\s@]{1,256}@[^<>\s@]{1,256})>")
+_BARE_ADDR = re.compile(r"[^\s<>()\[\]\",;:@]{1,256}@[^\s<>()\[\]\",;:@]{1,256}")
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+
+# Worker protocol: 8-byte big-endian length, then the payload (raw mail one way, a pickled
+# InboundMessage or a Malformed value back). One ready byte is sent after start-up.
+_FRAME_HEADER = 8
+_READY = b"R"
+_STARTUP_SECONDS = 60.0
+_REAP_SECONDS = 5.0
+
+
+# --- pre-scan -------------------------------------------------------------------------------
+
+
+def scan_header_block(raw: bytes) -> HeaderScan:
+    """Cheap (C-speed bytes methods only, no email parser), runs on the event loop; never raises.
+
+    raw is the DATA content with CRLF line endings as received. An empty header block or a
+    message with no blank line is fine (header block = whole message).
+    """
+    try:
+        return _scan_header_block(raw)
+    except Exception:
+        # Only reachable on memory exhaustion; report an empty, unremarkable block.
+        return HeaderScan(header_bytes=0, field_count=0, received_count=0, violation=None)
+
+
+def _scan_header_block(raw: bytes) -> HeaderScan:
+    # RFC 5322 §2.1: the header ends at the first empty line, CRLF CRLF. Any bare CR or LF
+    # before it makes readers disagree about where fields start, which is how headers get
+    # smuggled, so the block is measured by the strict rule and such bytes are a violation.
+    if raw.startswith(b"\r\n"):
+        return HeaderScan(header_bytes=0, field_count=0, received_count=0, violation=None)
+    end = raw.find(b"\r\n\r\n")
+    block = raw if end < 0 else raw[: end + 2]
+    crlf = block.count(b"\r\n")
+    lines = crlf + (0 if block.endswith(b"\r\n") else 1) if block else 0
+    continuations = block.count(b"\r\n ") + block.count(b"\r\n\t")
+    if block[:1] in (b" ", b"\t"):
+        continuations += 1
+    received = block[:9].lower() == b"received:"
+    received_count = block.lower().count(b"\r\nreceived:") + int(received)
+    violation: str | None = None
+    if b"\x00" in block:
+        violation = HeaderViolation.NUL_IN_HEADER.value
+    elif block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        violation = HeaderViolation.BARE_LINE_ENDING_IN_HEADER.value
+    return HeaderScan(
+        header_bytes=len(block),
+        field_count=lines - continuations,
+        received_count=received_count,
+        violation=violation,
+    )
+
+
+def _normalise_line_endings(raw: bytes) -> bytes:
+    """Bare CR and bare LF become CRLF, so the parser and any reader see the same lines."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+        return raw
+    return _BARE_LINE_ENDING.sub(b"\r\n", raw)
+
+
+def _prescan_headers(data: bytes, scan: HeaderScan, limits: ParseLimits) -> Malformed | None:
+    # The field count comes from byte counts alone, so a 50,000-field header is refused before
+    # anything is split. After that at most max_header_fields fields are looked at.
+    if scan.field_count > limits.max_header_fields:
+        return Malformed.TOO_MANY_FIELDS
+    too_long = False
+    for field in _FIELD_SPLIT.split(data[: scan.header_bytes]):
+        name = field.partition(b":")[0].strip().lower()
+        # Counting '@' (and commas, with room for "Last, First" display names) stands in for
+        # the address count: the stdlib address parser is quadratic (cpython#136063).
+        if name in _ADDRESS_HEADERS and (
+            field.count(b"@") > limits.max_addresses or field.count(b",") > 2 * limits.max_addresses
+        ):
+            return Malformed.TOO_MANY_ADDRESSES
+        if len(field) - 2 * field.count(b"\r\n") > limits.max_field_bytes:
+            too_long = True
+    if too_long:
+        return Malformed.FIELD_TOO_LONG
+    if scan.header_bytes > limits.max_header_bytes:
+        return Malformed.HEADER_LIMIT
+    return None
+
+
+def _prescan_mime(data: bytes, limits: ParseLimits) -> Malformed | None:
+    """Estimate MIME depth and part count from boundaries and their delimiter lines.
+
+    Linear in the message size, it stops the inputs on which the stdlib parser recurses until
+    RecursionError (2,000 nested multiparts) or goes super-linear (20,000 parts, bpo-31449).
+    """
+    boundaries: set[bytes] = set()
+    for match in _BOUNDARY_PARAM.finditer(data):
+        boundary = match.group(1) if match.group(1) is not None else match.group(2)
+        if len(boundary) > limits.max_boundary_length:
+            return Malformed.BOUNDARY_TOO_LONG
+        boundaries.add(boundary.rstrip(b" \t"))
+    # A stack of open containers: a boundary once its first delimiter line is seen, or None for
+    # a message/* part. A delimiter of a boundary already open closes everything inside it.
+    stack: list[bytes | None] = []
+    index_of: dict[bytes, int] = {}
+    parts = 0
+    for match in _MIME_EVENT.finditer(data):
+        line = match.group(1)
+        if line is None:
+            stack.append(None)
+            parts += 1
+        else:
+            rest = line.rstrip(b" \t")
+            closing = False
+            if rest not in boundaries:
+                if not (rest.endswith(b"--") and rest[:-2] in boundaries):
+                    continue
+                rest, closing = rest[:-2], True
+            index = index_of.get(rest)
+            if index is None:
+                index_of[rest] = len(stack)
+                stack.append(rest)
+            else:
+                for inner in stack[index + 1 :]:
+                    if inner is not None:
+                        del index_of[inner]
+                del stack[index + 1 :]
+            if closing:
+                del index_of[rest]
+                stack.pop()
+            else:
+                parts += 1
+        if len(stack) > limits.max_mime_depth:
+            return Malformed.MIME_DEPTH
+        if parts > limits.max_mime_parts:
+            return Malformed.TOO_MANY_PARTS
+    return None
+
+
+# --- small text helpers -----------------------------------------------------------------------
+
+
+def _clean(text: str) -> str:
+    """Drop lone surrogates (from undecodable raw header bytes) so every value is valid text."""
+    if _SURROGATE.search(text) is None:
+        return text
+    try:
+        # Surrogate escapes carry the raw bytes: most often they are UTF-8.
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _single_line(text: str, limit: int) -> str:
+    """Unfolded, one line, no NUL, bounded: safe to log, store and copy into a header."""
+    return _LINE_BREAKS.sub(" ", _clean(text)).strip()[:limit]
+
+
+def _unfold(value: str) -> str:
+    return _FOLD.sub("", value)
+
+
+def _add_defect(defects: list[str], text: str) -> None:
+    if len(defects) < _MAX_DEFECTS and text not in defects:
+        defects.append(_single_line(text, _MAX_DEFECT_CHARS))
+
+
+def _codec_for(charset: str | None, defects: list[str] | None) -> str:
+    """A safe text codec name for a MIME charset label; unknown labels read as UTF-8."""
+    if not charset:
+        return "utf-8"
+    label = charset.strip().strip('"').lower()
+    if label in ("us-ascii", "ascii"):
+        # Real mail labelled ASCII often carries 8-bit text; UTF-8 is a superset.
+        return "utf-8"
+    label = email.charset.ALIASES.get(label, label)
+    try:
+        if len(label) > _MAX_CHARSET_NAME:
+            raise LookupError(label)
+        info = codecs.lookup(label)
+        if info.name in _UNSAFE_CODECS or not getattr(info, "_is_text_encoding", True):
+            raise LookupError(label)
+    except (LookupError, ValueError, TypeError):
+        if defects is not None:
+            _add_defect(defects, f"unknown charset {label[:_MAX_CHARSET_NAME]!r}")
+        return "utf-8"
+    return info.name
+
+
+def _decode_bytes(data: bytes, charset: str | None, defects: list[str] | None) -> str:
+    """Decode with the declared charset; unknown or lying charsets give replacement characters."""
+    codec = _codec_for(charset, defects)
+    try:
+        try:
+            return _clean(data.decode(codec))
+        except UnicodeDecodeError:
+            if defects is not None:
+                _add_defect(defects, f"text is not valid {codec}")
+            return _clean(data.decode(codec, "replace"))
+    except Exception:
+        if defects is not None:
+            _add_defect(defects, f"charset {codec} failed to decode")
+        return data.decode("utf-8", "replace")
+
+
+def _decode_encoded_words(value: str, defects: list[str] | None) -> str:
+    """RFC 2047 decoding in one linear pass, for values the stdlib parser could not read."""
+    out: list[str] = []
+    last = 0
+    previous_was_word = False
+    for match in _ENCODED_WORD.finditer(value):
+        gap = value[last : match.start()]
+        # RFC 2047 §6.2: white space between adjacent encoded-words is not displayed.
+        if not (previous_was_word and gap.strip() == ""):
+            out.append(gap)
+        charset, encoding, encoded = match.groups()
+        try:
+            raw = encoded.encode("ascii")
+            if encoding in "bB":
+                decoded = base64.b64decode(raw + b"=" * (-len(raw) % 4))
+            else:
+                decoded = binascii.a2b_qp(raw, header=True)
+        except (UnicodeError, ValueError):
+            out.append(match.group(0))
+            previous_was_word = False
+        else:
+            out.append(_decode_bytes(decoded, charset, defects))
+            previous_was_word = True
+        last = match.end()
+    out.append(value[last:])
+    return "".join(out)
+
+
+def _message_ids(value: str) -> tuple[str, ...]:
+    return tuple(_MSG_ID.findall(_clean(_unfold(value))))
+
+
+def _as_written(value: str, limit: int) -> str:
+    return _single_line(_unfold(value), limit)
+
+
+# --- salvage: cheap recovery without the email parser ---------------------------------------
+
+
+def salvage_message(
+    raw: bytes, limits: ParseLimits, reason: str, defects: Sequence[str] = ()
+) -> InboundMessage:
+    """The essential fields read from the header block with regexes only; never raises.
+
+    Cheap enough for the event loop (it looks at no more than max_header_bytes), it stands in
+    for parse_message when a message hits a limit or its worker dies.
+    """
+    try:
+        return _salvage(raw, limits, reason, list(defects))
+    except Exception as exc:
+        return _empty_message(reason, (*defects, f"salvage failed: {type(exc).__name__}"))
+
+
+def _empty_message(reason: str | None, defects: Iterable[str]) -> InboundMessage:
+    return InboundMessage(
+        message_id=None,
+        from_header=None,
+        from_addresses=(),
+        subject=None,
+        date=None,
+        in_reply_to=(),
+        references=(),
+        headers=(),
+        content_type="text/plain",
+        text="",
+        html="",
+        attachments=(),
+        malformed=reason,
+        defects=tuple(defects)[:_MAX_DEFECTS],
+    )
+
+
+def _salvage(raw: bytes, limits: ParseLimits, reason: str, defects: list[str]) -> InboundMessage:
+    head = _normalise_line_endings(raw[: limits.max_header_bytes])
+    end = head.find(b"\r\n\r\n")
+    if head.startswith(b"\r\n"):
+        block = b""
+    elif end >= 0:
+        block = head[: end + 2]
+    else:
+        block = head
+    headers: list[tuple[str, str]] = []
+    first: dict[str, str] = {}
+    for field in _FIELD_SPLIT.split(block)[: limits.max_header_fields]:
+        name_bytes, colon, value_bytes = field.partition(b":")
+        name = _single_line(name_bytes.decode("utf-8", "replace"), _MAX_MESSAGE_ID)
+        if not colon or not name:
+            continue
+        value = value_bytes.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
+        value = value[: limits.max_field_bytes]
+        first.setdefault(name.lower(), value)
+        shown = value if name.lower() in _AS_WRITTEN else _decode_encoded_words(value, None)
+        headers.append((name, _single_line(shown, limits.max_field_bytes)))
+    from_value = first.get("from")
+    addresses: list[tuple[str, str]] = []
+    if from_value is not None:
+        found = _ANGLE_ADDR.findall(from_value) or _BARE_ADDR.findall(from_value)
+        addresses = [("", _single_line(a, _MAX_MESSAGE_ID)) for a in found]
+    content_type = first.get("content-type", "").partition(";")[0].strip().lower()
+    _add_defect(defects, "salvaged from the header block only")
+    return InboundMessage(
+        message_id=_optional(first.get("message-id"), _MAX_MESSAGE_ID),
+        from_header=_optional_decoded(from_value, limits),
+        from_addresses=tuple(addresses[: limits.max_addresses]),
+        subject=_optional_decoded(first.get("subject"), limits),
+        date=_optional(first.get("date"), limits.max_field_bytes),
+        in_reply_to=_message_ids(first.get("in-reply-to", "")),
+        references=_message_ids(first.get("references", "")),
+        headers=tuple(headers),
+        content_type=content_type if _MIME_TYPE.fullmatch(content_type) else "text/plain",
+        text="",
+        html="",
+        attachments=(),
+        malformed=reason,
+        defects=tuple(defects),
+    )
+
+
+def _optional(value: str | None, limit: int) -> str | None:
+    return None if value is None else _as_written(value, limit)
+
+
+def _optional_decoded(value: str | None, limits: ParseLimits) -> str | None:
+    if value is None:
+        return None
+    return _single_line(_decode_encoded_words(value, None), limits.max_field_bytes)
+
+
+# --- parse ------------------------------------------------------------------------------------
+
+
+def parse_message(raw: bytes, limits: ParseLimits) -> InboundMessage:
+    """Pure function, runs INSIDE a worker process: MIME pre-scan first, then the stdlib parser.
+
+    Never raises.
+    """
+    defects: list[str] = []
+    try:
+        return _parse(raw, limits, defects)
+    except MemoryError:
+        return salvage_message(raw, limits, Malformed.PARSE_MEMORY.value, defects)
+    except RecursionError:
+        # Nesting the pre-scan could not see (e.g. RFC 2231 continued boundaries).
+        return salvage_message(raw, limits, Malformed.MIME_DEPTH.value, defects)
+    except Exception as exc:
+        _add_defect(defects, f"parser: {type(exc).__name__}")
+        return salvage_message(raw, limits, Malformed.UNPARSEABLE.value, defects)
+
+
+class _CachingHeaderRegistry(email.headerregistry.HeaderRegistry):
+    """policy.default's header factory, remembering what it parsed for one message.
+
+    HeaderRegistry builds a new class on every access and the feedparser alone parses each
+    Content-Type four or five times; this halves the parse cost of a small message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parsed: dict[tuple[str, str], email.headerregistry.BaseHeader] = {}
+
+    def __call__(self, name: str, value: Any) -> email.headerregistry.BaseHeader:
+        if not isinstance(value, str):
+            return super().__call__(name, value)
+        key = (name.lower(), value)
+        header = self._parsed.get(key)
+        if header is None:
+            header = self._parsed[key] = super().__call__(name, value)
+        return header
+
+
+def _parse(raw: bytes, limits: ParseLimits, defects: list[str]) -> InboundMessage:
+    violation = scan_header_block(raw).violation
+    if violation is not None:
+        _add_defect(defects, violation)
+    data = _normalise_line_endings(raw)
+    scan = scan_header_block(data)
+    reason = _prescan_headers(data, scan, limits) or _prescan_mime(data, limits)
+    if reason is not None:
+        return salvage_message(data, limits, reason.value, defects)
+    # Per message, so nothing is shared between messages or kept at module level.
+    policy = email.policy.default.clone(header_factory=_CachingHeaderRegistry())
+    message: email.message.Message
+    try:
+        message = email.message_from_bytes(data, policy=policy)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:
+        # A Content-Type the new parser chokes on (cpython#151857) fails the whole parse;
+        # compat32 keeps headers as strings and still finds the structure.
+        _add_defect(defects, f"parser: {type(exc).__name__}; reparsed with compat32")
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+    return _extract(message, policy, limits, defects)
+
+
+def _extract(
+    message: email.message.Message,
+    policy: email.policy.EmailPolicy[email.message.EmailMessage],
+    limits: ParseLimits,
+    defects: list[str],
+) -> InboundMessage:
+    headers: list[tuple[str, str]] = []
+    decoded_first: dict[str, str] = {}
+    raw_first: dict[str, str] = {}
+    from_addresses: tuple[tuple[str, str], ...] = ()
+    for name, value in message.raw_items():
+        key = name.lower()
+        if key in raw_first and key in _UNIQUE_HEADERS:
+            _add_defect(defects, f"duplicate {name} field")
+        decoded, parsed = _decode_header(name, value, policy, limits, defects)
+        headers.append((_single_line(name, _MAX_MESSAGE_ID), decoded))
+        if key in raw_first:
+            continue
+        raw_first[key] = value
+        decoded_first[key] = decoded
+        if key == "from":
+            from_addresses = _from_addresses(parsed, value, limits, defects)
+    content_type, text, html, attachments = _walk(message, limits, defects)
+    return InboundMessage(
+        message_id=_optional(raw_first.get("message-id"), _MAX_MESSAGE_ID),
+        from_header=decoded_first.get("from"),
+        from_addresses=from_addresses,
+        subject=decoded_first.get("subject"),
+        date=_optional(raw_first.get("date"), limits.max_field_bytes),
+        in_reply_to=_message_ids(raw_first.get("in-reply-to", "")),
+        references=_message_ids(raw_first.get("references", "")),
+        headers=tuple(headers),
+        content_type=content_type,
+        text=text,
+        html=html,
+        attachments=attachments,
+        malformed=None,
+        defects=tuple(defects),
+    )
+
+
+def _decode_header(
+    name: str,
+    value: str,
+    policy: email.policy.EmailPolicy[email.message.EmailMessage],
+    limits: ParseLimits,
+    defects: list[str],
+) -> tuple[str, object]:
+    """(decoded single-line value, the policy.default header object or None).
+
+    Plain ASCII without encoded-words reads the same either way, so only the fields that need
+    it (and From, for its addresses) go through the header parser: it costs ~0.1 ms a field.
+    """
+    key = name.lower()
+    if key in _AS_WRITTEN:
+        return _as_written(value, limits.max_field_bytes), None
+    if key != "from" and value.isascii() and "=?" not in value:
+        return _as_written(value, limits.max_field_bytes), None
+    try:
+        parsed = policy.header_fetch_parse(name, value)
+        for defect in parsed.defects:
+            _add_defect(defects, f"header {name}: {type(defect).__name__}")
+        return _single_line(str(parsed), limits.max_field_bytes), parsed
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # IndexError/ValueError/RecursionError from the new header parser (RELIABILITY.md
+        # part 1): fall back to compat32's view, a plain string, and decode it ourselves.
+        _add_defect(defects, f"header {name}: {type(exc).__name__}; read with compat32")
+        fallback = _decode_encoded_words(_clean(_unfold(value)), defects)
+        return _single_line(fallback, limits.max_field_bytes), None
+
+
+def _from_addresses(
+    parsed: object, value: str, limits: ParseLimits, defects: list[str]
+) -> tuple[tuple[str, str], ...]:
+    if isinstance(parsed, email.headerregistry.AddressHeader):
+        try:
+            return tuple(
+                (
+                    _single_line(address.display_name, limits.max_field_bytes),
+                    _single_line(address.addr_spec, _MAX_MESSAGE_ID),
+                )
+                for address in parsed.addresses[: limits.max_addresses]
+            )
+        except MemoryError:
+            raise
+        except Exception as exc:
+            _add_defect(defects, f"From addresses: {type(exc).__name__}; read with compat32")
+    try:
+        # compat32's address parser, on the raw value so encoded commas cannot split names.
+        pairs = email.utils.getaddresses([_clean(_unfold(value))])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"From addresses: {type(exc).__name__}")
+        return ()
+    return tuple(
+        (
+            _single_line(_decode_encoded_words(display, defects), limits.max_field_bytes),
+            _single_line(addr, _MAX_MESSAGE_ID),
+        )
+        for display, addr in pairs[: limits.max_addresses]
+        if addr
+    )
+
+
+@dataclass(frozen=True)
+class _PartInfo:
+    content_type: str
+    charset: str | None
+    disposition: str | None
+    filename: str | None
+
+
+def _part_info(part: email.message.Message, limits: ParseLimits, defects: list[str]) -> _PartInfo:
+    """The MIME parameters of one part, read with compat32 if the default policy fails."""
+    try:
+        return _read_part_info(part, limits)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"part headers: {type(exc).__name__}; read with compat32")
+    view = email.message.Message(policy=email.policy.compat32)
+    for name, value in part.raw_items():
+        if name.lower() in ("content-type", "content-disposition"):
+            view[name] = value
+    try:
+        return _read_part_info(view, limits)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # RFC 2045 §5.2: an unreadable Content-Type is taken as text/plain.
+        _add_defect(defects, f"part headers: {type(exc).__name__}")
+        return _PartInfo("text/plain", None, None, None)
+
+
+def _read_part_info(part: email.message.Message, limits: ParseLimits) -> _PartInfo:
+    ctype = part.get("content-type")
+    cdisp = part.get("content-disposition")
+    if isinstance(ctype, email.headerregistry.ContentTypeHeader | None) and isinstance(
+        cdisp, email.headerregistry.ContentDispositionHeader | None
+    ):
+        # policy.default re-parses a header on every access, and get_content_type,
+        # get_content_charset, get_filename... each access it: read each header once.
+        content_type = part.get_default_type() if ctype is None else ctype.content_type
+        params: dict[str, str] = {} if ctype is None else dict(ctype.params)
+        disposition = None if cdisp is None else cdisp.content_disposition
+        filename = None if cdisp is None else cdisp.params.get("filename")
+        filename = filename or params.get("name")
+        charset = params.get("charset")
+    else:
+        content_type = part.get_content_type()
+        charset = part.get_content_charset()
+        disposition = part.get_content_disposition()
+        filename = part.get_filename()
+    if not filename:
+        filename = None
+    else:
+        # Many mailers put RFC 2047 words in filename="..." although RFC 2047 §5 forbids it.
+        # Only bounded here: the attachment stage sanitises and needs to see what was sent.
+        filename = _clean(_decode_encoded_words(str(filename), None))[: limits.max_field_bytes]
+    return _PartInfo(
+        content_type=str(content_type).lower(),
+        charset=None if charset is None else str(charset),
+        disposition=None if disposition is None else str(disposition).lower(),
+        filename=filename,
+    )
+
+
+def _walk(
+    message: email.message.Message, limits: ParseLimits, defects: list[str]
+) -> tuple[str, str, str, tuple[Attachment, ...]]:
+    """(top-level content type, body text, HTML, attachments), depth-first in document order,
+    without recursion."""
+    top_type = "text/plain"
+    text: str | None = None
+    html: str | None = None
+    attachments: list[Attachment] = []
+    stack: list[email.message.Message] = [message]
+    visited = 0
+    while stack:
+        part = stack.pop()
+        visited += 1
+        # The pre-scan bounds parts already; this keeps the walk bounded if it was fooled.
+        if visited > 2 * limits.max_mime_parts + 2:
+            _add_defect(defects, "part limit reached while walking")
+            break
+        for defect in part.defects:
+            _add_defect(defects, type(defect).__name__)
+        info = _part_info(part, limits, defects)
+        if visited == 1:
+            top_type = info.content_type
+        payload = _payload(part, defects)
+        if isinstance(payload, list):
+            if info.content_type == "message/delivery-status":
+                data = b"".join(_header_block_bytes(block) for block in payload)
+                attachments.append(Attachment(info.filename, info.content_type, data))
+            elif info.content_type.startswith("message/") and visited > 1:
+                # A forwarded or returned message stays one attachment, headers included
+                # (a bounce is matched to its ticket by them); its text is not our text.
+                data = _message_bytes(payload, defects)
+                attachments.append(Attachment(info.filename, info.content_type, data))
+            else:
+                subparts = (p for p in reversed(payload) if isinstance(p, email.message.Message))
+                stack.extend(subparts)
+            continue
+        inline = info.disposition != "attachment"
+        if info.content_type == "text/plain" and inline and text is None:
+            text = _readable(_decode_bytes(payload, info.charset, defects))
+        elif info.content_type == "text/html" and inline and html is None:
+            html = _readable(_decode_bytes(payload, info.charset, defects))
+        else:
+            attachments.append(Attachment(info.filename, info.content_type, payload))
+    return top_type, text or "", html or "", tuple(attachments)
+
+
+def _readable(text: str) -> str:
+    """Python's own line ending: the payload keeps the CRLF of the wire."""
+    return text.replace("\r\n", "\n")
+
+
+def _payload(part: email.message.Message, defects: list[str]) -> bytes | list[object]:
+    """Decoded payload bytes of a leaf part, or the list of sub-messages of a container."""
+    try:
+        if part.is_multipart():
+            subparts = part.get_payload()
+            return list(subparts) if isinstance(subparts, list) else []
+        data = part.get_payload(decode=True)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"payload: {type(exc).__name__}")
+        return b""
+    return data if isinstance(data, bytes) else b""
+
+
+def _message_bytes(payload: list[object], defects: list[str]) -> bytes:
+    """An embedded message as bytes again. compat32 with no line limit rewrites nothing and
+    avoids the new folding code (cpython#138223: an infinite loop); depth is pre-scanned."""
+    buffer = io.BytesIO()
+    policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
+    try:
+        for message in payload:
+            if isinstance(message, email.message.Message):
+                email.generator.BytesGenerator(buffer, mangle_from_=False, policy=policy).flatten(
+                    message
+                )
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"embedded message: {type(exc).__name__}; headers only")
+        return b"".join(_header_block_bytes(message) for message in payload)
+    return buffer.getvalue()
+
+
+def _header_block_bytes(block: object) -> bytes:
+    if not isinstance(block, email.message.Message):
+        return b""
+    lines = [f"{name}: {_unfold(value)}\r\n" for name, value in block.raw_items()]
+    return ("".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+# --- worker process -------------------------------------------------------------------------
+
+ParseFunction = Callable[[bytes, ParseLimits], InboundMessage]
+
+
+def _set_soft_limit(which: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, hard))
+
+
+def _arm_cpu_limit(cpu_seconds: int) -> None:
+    # RLIMIT_CPU counts the whole life of the process, so each message gets the CPU used so
+    # far plus its own budget. Past it the kernel sends SIGXCPU, whose default action ends
+    # the worker; the caller sees the exit status and reports parse-timeout.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _set_soft_limit(resource.RLIMIT_CPU, math.ceil(usage.ru_utime + usage.ru_stime) + cpu_seconds)
+
+
+def _worker_main(sock: socket.socket, limits: ParseLimits, parse: ParseFunction) -> None:
+    """Entry point of a worker process: parse one framed message at a time until EOF."""
+    # Ctrl-C on the daemon's terminal reaches the whole process group; the parent decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker killed by SIGXCPU would otherwise dump up to memory_bytes of core.
+    _set_soft_limit(resource.RLIMIT_CORE, 0)
+    _set_soft_limit(resource.RLIMIT_AS, limits.memory_bytes)
+    with sock, sock.makefile("rwb") as stream:
+        stream.write(_READY)
+        stream.flush()
+        while True:
+            header = stream.read(_FRAME_HEADER)
+            if len(header) < _FRAME_HEADER:
+                return
+            raw = stream.read(int.from_bytes(header, "big"))
+            _arm_cpu_limit(limits.cpu_seconds)
+            stream.write(_frame(_run_parse(parse, raw, limits)))
+            stream.flush()
+
+
+def _run_parse(parse: ParseFunction, raw: bytes, limits: ParseLimits) -> bytes:
+    result: InboundMessage | str
+    try:
+        result = parse(raw, limits)
+    except MemoryError:
+        result = Malformed.PARSE_MEMORY.value
+    except Exception:
+        result = Malformed.PARSE_CRASH.value
+    try:
+        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except MemoryError:
+        return pickle.dumps(Malformed.PARSE_MEMORY.value)
+    except Exception:
+        return pickle.dumps(Malformed.PARSE_CRASH.value)
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(_FRAME_HEADER, "big") + payload
+
+
+class _ResultUnpickler(pickle.Unpickler):
+    """Only our result types: a worker reads hostile input and is trusted no further."""
+
+    def find_class(self, module: str, name: str) -> type[object]:
+        if module == __name__ and name in ("InboundMessage", "Attachment"):
+            found: type[object] = super().find_class(module, name)
+            return found
+        raise pickle.UnpicklingError(f"unexpected class {module}.{name}")
+
+
+def _load_result(payload: bytes) -> InboundMessage | str:
+    result = _ResultUnpickler(io.BytesIO(payload)).load()
+    if isinstance(result, InboundMessage):
+        return result
+    if isinstance(result, str) and result in Malformed.__members__.values():
+        return result
+    raise pickle.UnpicklingError("unexpected result")
+
+
+class _Worker:
+    """One worker process and the socket it is driven through."""
+
+    def __init__(
+        self,
+        context: multiprocessing.context.SpawnContext,
+        limits: ParseLimits,
+        parse: ParseFunction,
+    ) -> None:
+        self._sock, child_sock = socket.socketpair()
+        try:
+            self.process = context.Process(
+                target=_worker_main,
+                args=(child_sock, limits, parse),
+                name="gateway-parse",
+                daemon=True,
+            )
+            self.process.start()
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            child_sock.close()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._sentinel = self.process.sentinel
+
+    def is_alive(self) -> bool:
+        return self.process.exitcode is None
+
+    async def wait_ready(self) -> None:
+        """Connect the stream and wait for the worker's ready byte (start-up is not parse time)."""
+        if self._writer is not None:
+            return
+        self._reader, self._writer = await asyncio.open_connection(sock=self._sock)
+        async with asyncio.timeout(_STARTUP_SECONDS):
+            await self._reader.readexactly(len(_READY))
+
+    async def request(self, raw: bytes) -> InboundMessage | str:
+        if self._reader is None or self._writer is None:
+            raise ConnectionError("worker not connected")
+        self._writer.write(len(raw).to_bytes(_FRAME_HEADER, "big"))
+        self._writer.write(raw)
+        await self._writer.drain()
+        size = int.from_bytes(await self._reader.readexactly(_FRAME_HEADER), "big")
+        return _load_result(await self._reader.readexactly(size))
+
+    def kill(self) -> None:
+        """Stop the worker now: it may be stuck in C code, so no polite request."""
+        with contextlib.suppress(ValueError, OSError):
+            if self.process.exitcode is None:
+                self.process.kill()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+
+    async def exit_code(self) -> int | None:
+        """Wait, without blocking the loop, for the process to end: its exit code, or None."""
+        if self.process.exitcode is None:
+            if self._ended is None:
+                # One watcher per worker: add_reader allows a single callback per descriptor.
+                loop = asyncio.get_running_loop()
+                self._ended = loop.create_future()
+                loop.add_reader(self._sentinel, self._on_exit)
+            try:
+                async with asyncio.timeout(_REAP_SECONDS):
+                    await asyncio.shield(self._ended)
+            except TimeoutError:
+                return None
+            # The sentinel closes as the process exits, so this wait is immediate.
+            self.process.join()
+        return self.process.exitcode
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sentinel)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    async def reap(self) -> None:
+        self.kill()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        if await self.exit_code() is None:
+            # Unkillable for now (stuck in the kernel); stop watching and leave it to
+            # multiprocessing, which reaps finished children whenever it starts one.
+            asyncio.get_running_loop().remove_reader(self._sentinel)
+        else:
+            self.process.close()
+
+
+class ParserPool:
+    """Parses messages in worker processes; every limit or failure becomes a malformed result.
+
+    Each of `workers` slots holds one process that parses one message at a time; a caller
+    takes a slot from the idle queue and gives it back. A None in the queue is a slot whose
+    worker could not be started yet; the next caller tries again.
+    """
+
+    def __init__(
+        self,
+        limits: ParseLimits,
+        workers: int = 2,
+        *,
+        parse_function: ParseFunction = parse_message,
+    ) -> None:
+        """parse_function must be a module-level function (each worker imports it by name);
+        it is there for tests that need a worker to misbehave."""
+        if workers < 1:
+            raise ValueError("ParserPool needs at least one worker")
+        self._limits = limits
+        self._size = workers
+        self._parse_function = parse_function
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
+        self._reapers: set[asyncio.Task[None]] = set()
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start the workers and wait until each is ready; idempotent."""
+        async with self._start_lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            fresh = [self._spawn() for _ in range(self._size)]
+            ready = [w.wait_ready() for w in fresh if w is not None]
+            # A worker that fails to start is found out, and replaced, by its first caller.
+            await asyncio.gather(*ready, return_exceptions=True)
+            for worker in fresh:
+                self._idle.put_nowait(worker)
+
+    async def close(self) -> None:
+        """Terminate the workers; idempotent. Parses still in flight return malformed."""
+        if not self._closed:
+            self._closed = True
+            # Wakes callers waiting for a slot; each passes it on (see _acquire).
+            self._idle.put_nowait(None)
+        for worker in list(self._workers):
+            self._retire(worker)
+        while self._reapers:
+            await asyncio.gather(*list(self._reapers), return_exceptions=True)
+
+    async def parse(self, raw: bytes) -> InboundMessage:
+        """Parses in a worker process. Never raises (except asyncio.CancelledError).
+
+        A message that hits a limit, crashes or kills its worker comes back with malformed
+        set and the fields salvage_message recovers; a dead or stuck worker is replaced.
+        """
+        try:
+            return await self._parse(raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._salvage(raw, Malformed.PARSE_CRASH, f"parser pool: {type(exc).__name__}")
+
+    async def _parse(self, raw: bytes) -> InboundMessage:
+        if not self._started:
+            await self.start()
+        worker = await self._acquire()
+        if worker is None:
+            return self._salvage(raw, Malformed.PARSE_CRASH, "no parser worker available")
+        outcome: InboundMessage | str
+        try:
+            # The wall clock starts once the worker is ready: queueing is not parse time.
+            await worker.wait_ready()
+        except asyncio.CancelledError:
+            self._retire(worker)
+            raise
+        except Exception:
+            self._retire(worker)
+            return self._salvage(raw, Malformed.PARSE_CRASH, "parser worker did not start")
+        try:
+            async with asyncio.timeout(self._limits.wall_seconds):
+                outcome = await worker.request(raw)
+        except TimeoutError:
+            self._retire(worker)
+            return self._salvage(raw, Malformed.PARSE_TIMEOUT, "wall-time limit: worker killed")
+        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.UnpicklingError):
+            reason, defect = await self._bury(worker)
+            return self._salvage(raw, reason, defect)
+        except BaseException:
+            # Cancelled mid-request: the worker's state is unknown, so it cannot be reused.
+            self._retire(worker)
+            raise
+        self._release(worker)
+        if isinstance(outcome, InboundMessage):
+            return outcome
+        return self._salvage(raw, Malformed(outcome), "parser worker gave up")
+
+    async def _acquire(self) -> _Worker | None:
+        """An idle, live worker, or None once closed or if no worker can be started."""
+        slot = await self._idle.get()
+        if self._closed:
+            # Pass the wake-up on to the next waiter.
+            self._idle.put_nowait(slot)
+            return None
+        if slot is not None and slot.is_alive():
+            return slot
+        if slot is not None:
+            # Died while idle (killed from outside): not the fault of the message at hand.
+            self._retire(slot, replace=False)
+        worker = self._spawn()
+        if worker is None:
+            self._idle.put_nowait(None)
+        return worker
+
+    def _release(self, worker: _Worker) -> None:
+        if self._closed:
+            self._retire(worker)
+        else:
+            self._idle.put_nowait(worker)
+
+    def _salvage(self, raw: bytes, reason: Malformed, defect: str) -> InboundMessage:
+        return salvage_message(raw, self._limits, reason.value, [defect])
+
+    async def _bury(self, worker: _Worker) -> tuple[Malformed, str]:
+        """Replace a worker that stopped answering; how it died decides the reason."""
+        try:
+            code = await worker.exit_code()
+        finally:
+            self._retire(worker)
+        if code == -signal.SIGXCPU:
+            return Malformed.PARSE_TIMEOUT, "CPU limit: worker killed by SIGXCPU"
+        return Malformed.PARSE_CRASH, f"parser worker died (exit code {code})"
+
+    def _spawn(self) -> _Worker | None:
+        try:
+            worker = _Worker(self._context, self._limits, self._parse_function)
+        except Exception:
+            # Out of processes or descriptors: the slot stays empty until a caller retries.
+            return None
+        self._workers.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker, *, replace: bool = True) -> None:
+        """Kill a worker and, unless closing, put a fresh one in its slot. Synchronous, so it
+        also works while the caller is being cancelled; the reaping happens in a task."""
+        if worker not in self._workers:
+            return
+        self._workers.discard(worker)
+        worker.kill()
+        reaper = asyncio.get_running_loop().create_task(worker.reap())
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+        if replace and not self._closed:
+            self._idle.put_nowait(self._spawn())

@@ -1,0 +1,331 @@
+"""Shared fixtures: a config in a tmp dir, the real gateway on an ephemeral port, clients.
+
+The gateway under test is built by `gateway.app.Gateway`, the same factory the daemon
+uses; nothing is mocked. Helpers wait for conditions with a deadline, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import store
+from gateway.app import Gateway
+from gateway.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+BASE_CONFIG = """
+[smtp]
+host = "127.0.0.1"
+port = {port}
+hostname = "support.example.org"
+protocol = "{protocol}"
+max_message_size = {max_message_size}
+max_recipients = {max_recipients}
+max_connections = {max_connections}
+max_connections_per_ip = {max_connections_per_ip}
+timeout = {timeout}
+{extra_smtp}
+
+[storage]
+database = "var/gateway.db"
+{extra_storage}
+
+[parser]
+workers = 1
+{extra_parser}
+
+[[mailbox]]
+address = "support@example.org"
+unit = "support"
+
+[[mailbox]]
+address = "billing@example.org"
+unit = "billing"
+{extra}
+"""
+
+
+def write_config(directory: Path, **options: Any) -> Path:
+    values: dict[str, Any] = {
+        "port": 0,
+        "protocol": "smtp",
+        "max_message_size": 1_048_576,
+        "max_recipients": 100,
+        "max_connections": 100,
+        "max_connections_per_ip": 10,
+        "timeout": 30,
+        "extra_smtp": "",
+        "extra_storage": "",
+        "extra_parser": "",
+        "extra": "",
+    }
+    unknown = set(options) - set(values)
+    assert not unknown, f"unknown config option(s) in test: {unknown}"
+    values.update(options)
+    path = directory / "config.toml"
+    path.write_text(BASE_CONFIG.format(**values))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def factory(**options: Any) -> Config:
+        return load_config(write_config(tmp_path, **options))
+
+    return factory
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config()
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[Callable[[Config], Any]]:
+    """Factory: start a Gateway for a config; every one started is stopped at the end."""
+    started: list[Gateway] = []
+
+    async def factory(config: Config) -> Gateway:
+        gateway = Gateway(config)
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in started:
+        await gateway.stop(grace=5)
+
+
+@pytest.fixture
+async def gateway(config: Config, start_gateway: Callable[[Config], Any]) -> Gateway:
+    gw: Gateway = await start_gateway(config)
+    return gw
+
+
+def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    with closing(store.connect(config.database_path)) as conn:
+        return list(conn.execute(sql, params))
+
+
+def stored_messages(config: Config) -> list[dict[str, Any]]:
+    with closing(store.connect(config.database_path)) as conn:
+        return store.list_messages(conn)
+
+
+def make_message(
+    subject: str = "Printer on fire",
+    sender: str = "alice@client.example.com",
+    to: str = "support@example.org",
+    body: str = "Hello,\r\n\r\nthe printer is on fire.\r\n",
+    message_id: str | None = None,
+    headers: str = "",
+) -> bytes:
+    mid = message_id or f"<{time.monotonic_ns()}.{os.getpid()}@client.example.com>"
+    text = (
+        f"From: Alice Example <{sender}>\r\n"
+        f"To: {to}\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-ID: {mid}\r\n"
+        "Date: Fri, 27 Nov 2026 10:00:00 +0000\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"{headers}"
+        "\r\n"
+        f"{body}"
+    )
+    return text.encode()
+
+
+class RawClient:
+    """A byte-exact SMTP client for protocol tests: send lines, read whole replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        return cls(reader, writer)
+
+    async def reply(self, timeout: float = 10) -> tuple[int, str]:
+        """One complete (possibly multi-line) reply: (code, text of all lines)."""
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                raise ConnectionError("connection closed: " + " | ".join(lines))
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return int(text[:3]), "\n".join(lines)
+
+    async def send(self, data: bytes | str) -> None:
+        self.writer.write(data.encode() if isinstance(data, str) else data)
+        await self.writer.drain()
+
+    async def command(self, line: str | bytes, timeout: float = 10) -> tuple[int, str]:
+        raw = line.encode() if isinstance(line, str) else line
+        await self.send(raw + b"\r\n")
+        return await self.reply(timeout)
+
+    async def closed(self, timeout: float = 10) -> bool:
+        """True once the server has closed the connection."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(), timeout)
+        except (ConnectionError, TimeoutError):
+            return False
+        return data == b"" or self.reader.at_eof()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+@pytest.fixture
+async def raw_client() -> AsyncIterator[Callable[[int], Any]]:
+    clients: list[RawClient] = []
+
+    async def factory(port: int) -> RawClient:
+        client = await RawClient.connect(port)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+async def send_raw_message(
+    client: RawClient,
+    message: bytes,
+    mail_from: str = "alice@client.example.com",
+    rcpts: tuple[str, ...] = ("support@example.org",),
+    greet: bool = True,
+) -> tuple[int, str]:
+    """A full transaction over a RawClient; returns the reply to the final dot."""
+    if greet:
+        code, _ = await client.reply()
+        assert code == 220
+        code, _ = await client.command("EHLO client.example.com")
+        assert code == 250
+    code, text = await client.command(f"MAIL FROM:<{mail_from}>")
+    assert code == 250, text
+    for rcpt in rcpts:
+        code, text = await client.command(f"RCPT TO:<{rcpt}>")
+        assert code == 250, text
+    code, text = await client.command("DATA")
+    assert code == 354, text
+    body = message.replace(b"\r\n.", b"\r\n..")
+    if body.startswith(b"."):
+        body = b"." + body
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    await client.send(body + b".\r\n")
+    return await client.reply(30)
+
+
+async def wait_for(
+    condition: Callable[[], Any], timeout: float = 10, interval: float = 0.02
+) -> Any:
+    """Poll `condition` until it returns something truthy, or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class DaemonProcess:
+    """`gateway --config X serve` as a real subprocess, for kill -9 and signal tests."""
+
+    READY = re.compile(r"event=gateway\.ready .*listen=[^ ]*:(\d+)")
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 20) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        self._log = self.log_path.open("ab")
+        offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "--config", str(self.config_path), "serve"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode("utf-8", "replace")
+            match = self.READY.search(text)
+            if match:
+                self.port = int(match.group(1))
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.02)  # polling a log file from a sync fixture; bounded by deadline
+        raise AssertionError("gateway did not become ready:\n" + self.log_text())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self._log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def factory(**options: Any) -> DaemonProcess:
+        config_path = write_config(tmp_path, **options)
+        process = DaemonProcess(config_path, tmp_path / "gateway.log")
+        process.start()
+        started.append(process)
+        return process
+
+    yield factory
+    for process in started:
+        process.stop()

@@ -1,0 +1,176 @@
+"""sd_notify: exact datagrams on a real AF_UNIX socket, and silence when there is none."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.sdnotify import SystemdNotifier, watchdog_interval
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket bound in tmp_path, as systemd binds NOTIFY_SOCKET."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(2)
+    yield sock, path
+    sock.close()
+
+
+def receive(sock: socket.socket) -> bytes:
+    return sock.recv(4096)
+
+
+def test_sends_exact_datagrams(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    notifier = SystemdNotifier(path)
+    assert notifier.enabled
+
+    notifier.ready()
+    notifier.ready("listening on 0.0.0.0:25")
+    notifier.status("3 sessions")
+    notifier.watchdog()
+    notifier.stopping()
+    notifier.stopping("draining 2 sessions")
+    notifier.close()
+
+    assert [receive(sock) for _ in range(6)] == [
+        b"READY=1",
+        b"READY=1\nSTATUS=listening on 0.0.0.0:25",
+        b"STATUS=3 sessions",
+        b"WATCHDOG=1",
+        b"STOPPING=1",
+        b"STOPPING=1\nSTATUS=draining 2 sessions",
+    ]
+
+
+def test_newline_in_status_cannot_inject_an_assignment(
+    listener: tuple[socket.socket, str],
+) -> None:
+    sock, path = listener
+    notifier = SystemdNotifier(path)
+    notifier.status("hello\nREADY=1\r\nMAINPID=1")
+    notifier.close()
+    assert receive(sock) == b"STATUS=hello READY=1 MAINPID=1"
+
+
+def test_reads_notify_socket_from_environment(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, path = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    notifier = SystemdNotifier()
+    notifier.ready()
+    notifier.close()
+    assert receive(sock) == b"READY=1"
+
+
+def test_abstract_namespace_socket() -> None:
+    name = f"gateway-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(2)
+    try:
+        notifier = SystemdNotifier("@" + name)
+        notifier.ready("up")
+        notifier.close()
+        assert receive(sock) == b"READY=1\nSTATUS=up"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_no_socket_means_no_op(
+    value: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if value is None:
+        monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    else:
+        monkeypatch.setenv("NOTIFY_SOCKET", value)
+    notifier = SystemdNotifier()
+    assert not notifier.enabled
+    notifier.ready("x")
+    notifier.status("x")
+    notifier.watchdog()
+    notifier.stopping()
+    notifier.close()
+    assert caplog.records == []
+
+
+def test_missing_socket_never_raises_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notifier = SystemdNotifier(str(tmp_path / "absent.sock"))
+    assert notifier.enabled
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        notifier.ready()
+        notifier.watchdog()
+        notifier.stopping()
+    notifier.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway"]
+    assert len(warnings) == 1
+    assert "event=sd_notify_failed" in warnings[0]
+
+
+def test_full_receive_queue_does_not_block(listener: tuple[socket.socket, str]) -> None:
+    # Nobody reads the listener: once its queue is full, sendto would block on a blocking
+    # socket. The notifier must drop the notification instead.
+    # The sends run in a daemon thread so that a regression fails the test instead of hanging it.
+    _sock, path = listener
+    notifier = SystemdNotifier(path)
+
+    def flood() -> None:
+        for _ in range(10_000):
+            notifier.watchdog()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    sender.join(timeout=5)
+    assert not sender.is_alive(), "sd_notify blocked on a full socket queue"
+    notifier.close()
+
+
+def test_close_is_idempotent(listener: tuple[socket.socket, str]) -> None:
+    _sock, path = listener
+    notifier = SystemdNotifier(path)
+    notifier.close()
+    notifier.watchdog()
+    notifier.close()
+    notifier.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "1000"}, 0.0005),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "garbage"}, None),
+        ({"WATCHDOG_USEC": "garbage"}, None),
+        ({"WATCHDOG_USEC": ""}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+        ({}, None),
+        ({"WATCHDOG_PID": str(os.getpid())}, None),
+    ],
+)
+def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
+    assert watchdog_interval(env) == expected
+
+
+def test_watchdog_interval_defaults_to_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == 15.0
