@@ -1,0 +1,572 @@
+"""Tests for the [parse] stage: the pre-scan, parse_message on hostile input, and ParserPool
+with real worker processes that hit their limits, die, hang or get cancelled."""
+
+import asyncio
+import multiprocessing
+import os
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.inbound import (
+    InboundMessage,
+    ParseFunction,
+    ParseLimits,
+    ParserPool,
+    parse_message,
+    salvage_message,
+    scan_header_block,
+)
+
+HOSTILE = Path(__file__).parent / "data" / "hostile"
+LIMITS = ParseLimits()
+# Pool tests await every result with this deadline instead of sleeping.
+DEADLINE = 30.0
+# RELIABILITY.md 2.3: each pathological input is classified well under a second.
+FAST = 1.0
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def load(name: str) -> bytes:
+    """A fixture as an SMTP server hands it over: CRLF line endings, whatever git did."""
+    return (HOSTILE / name).read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def mail(*headers: str, body: str = "Hello.\r\n") -> bytes:
+    return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+def timed_parse(raw: bytes, limits: ParseLimits = LIMITS) -> tuple[InboundMessage, float]:
+    start = time.perf_counter()
+    message = parse_message(raw, limits)
+    return message, time.perf_counter() - start
+
+
+def assert_well_formed_values(message: InboundMessage, limits: ParseLimits = LIMITS) -> None:
+    """What every result promises, whatever the input."""
+    single_line = [message.subject, message.from_header, message.message_id, message.date]
+    single_line += [value for _, value in message.headers]
+    single_line += [name for _, name in message.from_addresses]
+    for value in single_line:
+        if value is not None:
+            assert not re.search("[\r\n\x00\u2028\u2029\x85]", value)
+            assert len(value) <= limits.max_field_bytes
+    for value in [*single_line, message.text, message.html]:
+        if value is not None:
+            assert not SURROGATE.search(value)
+    assert message.message_id is None or len(message.message_id) <= 998
+    assert re.fullmatch(
+        r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*", message.content_type
+    )
+    assert len(message.headers) <= limits.max_header_fields
+    assert len(message.from_addresses) <= limits.max_addresses
+
+
+# --- generated hostile input -------------------------------------------------------------------
+
+
+def nested_multiparts(depth: int) -> bytes:
+    """`depth` multiparts, each the only part of the one before (about 200 KB at 2,000)."""
+    head = b"From: deep@example.org\r\nSubject: nested\r\nMIME-Version: 1.0\r\n"
+    parts = [head + b'Content-Type: multipart/mixed; boundary="level-0-boundary-abcdef"\r\n\r\n']
+    for level in range(1, depth):
+        parts.append(
+            b"--level-%d-boundary-abcdef\r\n"
+            b'Content-Type: multipart/mixed; boundary="level-%d-boundary-abcdef"\r\n\r\n'
+            % (level - 1, level)
+        )
+    parts.append(b"--level-%d-boundary-abcdef\r\n\r\ninnermost\r\n" % (depth - 1))
+    return b"".join(parts)
+
+
+def many_parts(count: int) -> bytes:
+    head = b"From: parts@example.org\r\nSubject: many parts\r\n"
+    head += b"Content-Type: multipart/mixed; boundary=sep\r\n\r\n"
+    part = b"--sep\r\nContent-Type: text/plain\r\n\r\npart\r\n"
+    return head + part * count + b"--sep--\r\n"
+
+
+def many_addresses(header: str, count: int) -> bytes:
+    addresses = ", ".join(f"user{i}@example.org" for i in range(count))
+    return mail("From: a@example.org", "Subject: crowd", f"{header}: {addresses}")
+
+
+# --- scan_header_block ------------------------------------------------------------------------
+
+
+def test_scan_measures_the_header_block_and_counts_received() -> None:
+    raw = (
+        b"Received: from a by b; Tue, 7 Jan 2025 10:00:00 +0000\r\n"
+        b"received: from c\r\n by d; Tue, 7 Jan 2025 10:00:00 +0000\r\n"
+        b"X-Not-Received: from e\r\n"
+        b"Subject: folded\r\n\tsubject\r\n"
+        b"\r\n"
+        b"Received: in the body does not count\r\n"
+    )
+    scan = scan_header_block(raw)
+    assert scan.header_bytes == raw.index(b"\r\n\r\n") + 2
+    assert scan.field_count == 4
+    assert scan.received_count == 2
+    assert scan.violation is None
+
+
+def test_scan_counts_31_received_hops() -> None:
+    raw = b"Received: from relay by relay\r\n" * 31 + b"Subject: loop\r\n\r\nbody\r\n"
+    assert scan_header_block(raw).received_count == 31
+
+
+@pytest.mark.parametrize(
+    ("raw", "violation"),
+    [
+        (b"Subject: a\x00b\r\n\r\nbody\r\n", "nul-in-header"),
+        (b"Subject: a\nBcc: victim@example.org\r\n\r\nbody\r\n", "bare-line-ending-in-header"),
+        (b"Subject: a\rBcc: victim@example.org\r\n\r\nbody\r\n", "bare-line-ending-in-header"),
+        (b"Subject: a\r\n\nBcc: victim@example.org\r\n\r\nbody\r\n", "bare-line-ending-in-header"),
+        (b"Subject: all bare\n\nbody\n", "bare-line-ending-in-header"),
+        (b"Subject: clean\r\n\r\nbody with \x00 and bare\nLF and bare\rCR\r\n", None),
+    ],
+)
+def test_scan_flags_nul_and_bare_line_endings_in_the_header_only(
+    raw: bytes, violation: str | None
+) -> None:
+    assert scan_header_block(raw).violation == violation
+
+
+def test_scan_accepts_empty_header_and_missing_blank_line() -> None:
+    assert scan_header_block(b"\r\nbody only\r\n").header_bytes == 0
+    assert scan_header_block(b"").field_count == 0
+    no_body = b"Subject: a\r\nFrom: b@example.org\r\n"
+    scan = scan_header_block(no_body)
+    assert (scan.header_bytes, scan.field_count, scan.violation) == (len(no_body), 2, None)
+
+
+# --- parse_message: ordinary mail ------------------------------------------------------------
+
+
+def test_normal_mail_gives_every_field() -> None:
+    message, _ = timed_parse(load("normal.eml"))
+    assert message.malformed is None
+    assert message.message_id == "<20250107091500.4711@laptop.example.org>"
+    assert message.from_header == "Renée Dupont <renee@example.org>"
+    assert message.from_addresses == (("Renée Dupont", "renee@example.org"),)
+    assert message.subject == "Réclamation: commande n° 4711 \u2013 urgent"
+    assert message.date == "Tue, 07 Jan 2025 10:15:00 +0100"
+    assert message.in_reply_to == ("<ack-1234@support.example.com>",)
+    assert message.references == (
+        "<first-1@laptop.example.org>",
+        "<ack-1234@support.example.com>",
+        "<second-2@laptop.example.org>",
+    )
+    assert message.content_type == "multipart/mixed"
+    assert message.text == "Bonjour,\n\nma commande n° 4711 n'est pas arrivée.\n\nRenée"
+    assert message.html.startswith("<p>Bonjour,</p>")
+    assert [(a.filename, a.content_type) for a in message.attachments] == [
+        ("facture décembre.pdf", "application/pdf")
+    ]
+    assert message.attachments[0].data.startswith(b"%PDF-1.4")
+    names = [name for name, _ in message.headers]
+    assert names.count("Received") == 2 and names[-1] == "Content-Type"
+    assert ("Cc", '"Martin, Paul" <paul.martin@example.org>, anna@example.net') in message.headers
+    assert message.defects == ()
+    assert message.report is None
+    assert_well_formed_values(message)
+
+
+def test_delivery_report_keeps_status_and_returned_message_as_attachments() -> None:
+    message, _ = timed_parse(load("delivery-report.eml"))
+    assert message.content_type == "multipart/report"
+    assert message.text.startswith("I'm sorry to have to inform you")
+    status, returned = message.attachments
+    assert status.content_type == "message/delivery-status"
+    assert b"Status: 5.1.1" in status.data
+    assert returned.content_type == "message/rfc822"
+    assert b"Message-ID: <ack-42@support.example.com>" in returned.data
+    # The bounce facts come from classify.extract_report, run in the same worker.
+    assert message.report is not None and message.report.is_report
+
+
+def test_bare_line_endings_are_normalised_before_parsing() -> None:
+    message, _ = timed_parse(b"Subject: a\nBcc: victim@example.org\n\nline 1\nline 2\rline 3\n")
+    # Parser and normalised bytes agree: two fields; the SMTP edge refuses such mail anyway.
+    assert message.headers == (("Subject", "a"), ("Bcc", "victim@example.org"))
+    assert message.text == "line 1\nline 2\nline 3\n"
+    assert "bare-line-ending-in-header" in message.defects
+
+
+# --- parse_message: RELIABILITY.md part 1 ----------------------------------------------------
+
+
+def test_content_type_name_star_is_reparsed_with_compat32() -> None:
+    message, _ = timed_parse(load("content-type-name-star.eml"))
+    assert message.malformed is None
+    assert message.subject == "cpython#151857 Content-Type parameter without a value"
+    assert message.from_addresses == (("Alice", "alice@example.org"),)
+    assert message.text.startswith("The parameter name* has no value")
+    assert any("compat32" in defect for defect in message.defects)
+
+
+def test_filename_star_without_value_in_an_attachment() -> None:
+    message, _ = timed_parse(load("disposition-filename-star.eml"))
+    assert message.text == "See the attachment."
+    assert [(a.filename, a.data) for a in message.attachments] == [(None, b"\x00\x01\x02\x03")]
+    assert any("compat32" in defect for defect in message.defects)
+
+
+@pytest.mark.parametrize("name", ["address-comment-colon.eml", "address-lone-quote.eml"])
+def test_index_error_addresses_fall_back(name: str) -> None:
+    message, _ = timed_parse(load(name))
+    assert message.malformed is None
+    assert message.from_addresses == ()
+    assert message.subject is not None and message.subject.startswith("cpython#")
+    assert message.text == "Body.\n"
+    assert any(defect.startswith("header From: IndexError") for defect in message.defects)
+    assert_well_formed_values(message)
+
+
+@pytest.mark.parametrize("value", ["(c):", '"', "a@b, (", "Group:;", ",,,", "<[x@y]>"])
+@pytest.mark.parametrize("header", ["From", "To", "Reply-To", "Message-ID", "Subject"])
+def test_odd_values_in_any_header_do_not_raise(header: str, value: str) -> None:
+    raw = mail(f"{header}: {value}", f"{header}: =?utf-8?q?{value}?= {value}")
+    message, _ = timed_parse(raw)
+    assert message.malformed is None
+    assert_well_formed_values(message)
+
+
+def test_exchange_message_id_is_kept_as_written() -> None:
+    message, _ = timed_parse(load("exchange-message-id.eml"))
+    exchange = "@DM6PR.prod.outlook.microsoft.com]>"
+    assert message.message_id == "<[7fd3a2b1-0c4e-4f0e-9d7a-2f1b6c3e5a90" + exchange
+    assert message.in_reply_to == ("<[1111-2222" + exchange,)
+    assert message.references == ("<[1111-2222" + exchange, "<plain-3@example.org>")
+
+
+def test_encoded_newline_in_display_name_stays_on_one_line() -> None:
+    message, _ = timed_parse(load("encoded-newline-display-name.eml"))
+    assert message.from_addresses == (
+        ("Support Team Bcc: victim@example.org", "attacker@example.org"),
+    )
+    assert message.from_header == "Support Team Bcc: victim@example.org <attacker@example.org>"
+    assert message.subject == "Hello Bcc: victim@example.org"
+    assert any(defect.startswith("header From: ValueError") for defect in message.defects)
+    assert_well_formed_values(message)
+
+
+def test_unknown_charset_decodes_with_replacement_characters() -> None:
+    message, _ = timed_parse(load("unknown-charset.eml"))
+    assert message.text == "caf\ufffd cr\ufffdme\n"
+    assert message.subject == "caf\ufffd and a body in an unknown charset"
+    assert "unknown charset 'x-no-such-charset'" in message.defects
+
+
+def test_lying_charset_decodes_with_replacement_characters() -> None:
+    message, _ = timed_parse(load("lying-charset.eml"))
+    assert message.text == "na\ufffdve r\ufffdsum\ufffd\n"
+    assert "text is not valid utf-8" in message.defects
+
+
+@pytest.mark.parametrize("charset", ["zlib", "base64", "idna", "punycode", "x" * 500, '"'])
+def test_charsets_that_are_not_safe_text_codecs_read_as_unknown(charset: str) -> None:
+    raw = mail(f"Content-Type: text/plain; charset={charset}", body="caf\u00e9 x\r\n")
+    message, _ = timed_parse(raw)
+    assert message.text == "café x\n"
+
+
+# --- parse_message: limits --------------------------------------------------------------------
+
+
+def test_2000_deep_nesting_is_mime_depth_fast() -> None:
+    raw = nested_multiparts(2000)
+    assert len(raw) < 256_000
+    message, seconds = timed_parse(raw)
+    assert message.malformed == "mime-depth"
+    assert seconds < FAST
+    assert message.subject == "nested" and message.from_addresses == (("", "deep@example.org"),)
+
+
+def test_nested_message_rfc822_is_mime_depth_fast() -> None:
+    raw = b"Subject: wrapped\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 2000 + b"\r\nx\r\n"
+    message, seconds = timed_parse(raw)
+    assert message.malformed == "mime-depth"
+    assert seconds < FAST
+
+
+def test_depth_at_the_limit_parses() -> None:
+    limits = ParseLimits(max_mime_depth=5)
+    assert timed_parse(nested_multiparts(5), limits)[0].text.strip() == "innermost"
+    assert timed_parse(nested_multiparts(6), limits)[0].malformed == "mime-depth"
+
+
+def test_20000_parts_is_too_many_parts_fast() -> None:
+    message, seconds = timed_parse(many_parts(20_000))
+    assert message.malformed == "too-many-parts"
+    assert seconds < FAST
+    assert message.subject == "many parts"
+
+
+def test_parts_at_the_limit_parse() -> None:
+    message, _ = timed_parse(many_parts(LIMITS.max_mime_parts))
+    assert message.malformed is None
+    assert len(message.attachments) == LIMITS.max_mime_parts - 1
+    assert timed_parse(many_parts(LIMITS.max_mime_parts + 1))[0].malformed == "too-many-parts"
+
+
+@pytest.mark.parametrize("header", ["To", "From", "Cc"])
+def test_20000_addresses_is_too_many_addresses_fast(header: str) -> None:
+    message, seconds = timed_parse(many_addresses(header, 20_000))
+    assert message.malformed == "too-many-addresses"
+    assert seconds < FAST
+    assert message.subject == "crowd"
+
+
+def test_addresses_at_the_limit_parse() -> None:
+    raw = mail("Subject: x", "From: " + ", ".join(f"u{i}@example.org" for i in range(100)))
+    message, _ = timed_parse(raw)
+    assert message.malformed is None
+    assert len(message.from_addresses) == 100
+    assert timed_parse(many_addresses("Cc", 101))[0].malformed == "too-many-addresses"
+
+
+def test_50000_header_fields_are_refused_fast() -> None:
+    raw = b"From: a@example.org\r\nSubject: fields\r\n" + b"X-A: b\r\n" * 50_000 + b"\r\nx\r\n"
+    message, seconds = timed_parse(raw)
+    assert message.malformed in ("too-many-fields", "header-limit")
+    assert seconds < FAST
+    assert message.subject == "fields"
+    assert len(message.headers) <= LIMITS.max_header_fields
+
+
+def test_200_kb_header_block_is_header_limit() -> None:
+    fields = [f"X-Filler-{i}: {'y' * 10_000}" for i in range(20)]
+    message, seconds = timed_parse(mail("Subject: big", *fields))
+    assert message.malformed == "header-limit"
+    assert seconds < FAST
+
+
+def test_one_long_field_is_field_too_long() -> None:
+    message, _ = timed_parse(mail("From: a@example.org", "Subject: " + "s" * 20_000))
+    assert message.malformed == "field-too-long"
+    assert message.subject == "s" * LIMITS.max_field_bytes
+    assert message.from_addresses == (("", "a@example.org"),)
+
+
+def test_long_boundary_is_boundary_too_long() -> None:
+    raw = mail("Subject: b", f"Content-Type: multipart/mixed; boundary={'b' * 3000}")
+    assert timed_parse(raw)[0].malformed == "boundary-too-long"
+
+
+# --- parse_message and salvage_message never raise ---------------------------------------------
+
+TOKENS = [b"=?", b"?=", b"?q?", b"?b?", b"--", b"\r\n", b"\n", b"\r", b"\x00", b":", b"<", b">"]
+TOKENS += [b"(", b'"', b"boundary=", b"Content-Type: message/rfc822\r\n", b"\xff", b"\r\n "]
+TOKENS += [b"charset=", b"name*=", b"=C3", b"@", b",", b";", b"multipart/mixed", b"\r\n\r\n"]
+
+
+def mutations(seed: int, count: int) -> list[bytes]:
+    """Random edits of real mail, biased towards the bytes MIME and header parsing care about."""
+    rng = random.Random(seed)
+    sources = [load(path.name) for path in sorted(HOSTILE.glob("*.eml"))]
+    inputs = []
+    for _ in range(count):
+        data = bytearray(rng.choice(sources))
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(data) + 1)
+            action = rng.random()
+            if action < 0.5:
+                data[at:at] = rng.choice(TOKENS) * rng.randint(1, 3)
+            elif action < 0.8:
+                del data[at : at + rng.randint(1, 40)]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        inputs.append(bytes(data))
+    inputs += [bytes(rng.randrange(256) for _ in range(rng.randint(0, 3000))) for _ in range(30)]
+    return inputs
+
+
+def test_parse_message_never_raises_on_mutated_mail() -> None:
+    for raw in mutations(seed=20250107, count=400):
+        message = parse_message(raw, LIMITS)
+        assert isinstance(message, InboundMessage)
+        assert_well_formed_values(message)
+
+
+def test_salvage_never_raises() -> None:
+    for raw in mutations(seed=7, count=200):
+        message = salvage_message(raw, LIMITS, "parse-crash")
+        assert message.malformed == "parse-crash"
+        assert_well_formed_values(message)
+
+
+# --- ParserPool, with real worker processes ---------------------------------------------------
+
+
+def parse_or_misbehave(raw: bytes, limits: ParseLimits) -> InboundMessage:
+    """Worker hook: an X-Test field makes the worker die, hang, spin or run out of memory."""
+    if b"X-Test: spin" in raw:
+        while True:
+            pass
+    if b"X-Test: die" in raw:
+        os._exit(70)
+    if b"X-Test: hang" in raw:
+        time.sleep(3600)
+    if b"X-Test: hog" in raw:
+        bytearray(limits.memory_bytes)
+    return parse_message(raw, limits)
+
+
+PoolFactory = Callable[..., Awaitable[ParserPool]]
+
+
+@pytest.fixture
+async def make_pool() -> AsyncIterator[PoolFactory]:
+    pools: list[ParserPool] = []
+
+    async def make(
+        limits: ParseLimits = LIMITS,
+        workers: int = 2,
+        parse_function: ParseFunction = parse_message,
+    ) -> ParserPool:
+        pool = ParserPool(limits, workers, parse_function=parse_function)
+        pools.append(pool)
+        await pool.start()
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.close()
+
+
+async def parse_all(pool: ParserPool, *raws: bytes) -> list[InboundMessage]:
+    return await asyncio.wait_for(asyncio.gather(*(pool.parse(raw) for raw in raws)), DEADLINE)
+
+
+def normal(i: int) -> bytes:
+    return mail("From: Ann <ann@example.org>", f"Subject: message {i}", f"Message-ID: <m{i}@x>")
+
+
+def assert_normal(results: list[InboundMessage], first: int = 0) -> None:
+    for i, message in enumerate(results, start=first):
+        assert (message.malformed, message.subject, message.text) == (
+            None,
+            f"message {i}",
+            "Hello.\n",
+        )
+
+
+async def test_pool_parses_like_parse_message(make_pool: PoolFactory) -> None:
+    pool = await make_pool()
+    raws = [load(path.name) for path in sorted(HOSTILE.glob("*.eml"))]
+    results = await parse_all(pool, *raws, *(normal(i) for i in range(32)))
+    assert results[: len(raws)] == [parse_message(raw, LIMITS) for raw in raws]
+    assert_normal(results[len(raws) :])
+    assert (await parse_all(pool, nested_multiparts(2000)))[0].malformed == "mime-depth"
+
+
+async def test_cpu_limit_kills_only_the_hostile_parse(make_pool: PoolFactory) -> None:
+    # The 1 s CPU limit must stop the spinning parse, not the 20 s wall clock. (A spin rather
+    # than the quadratic 20,000-address From: that would pass once CPython fixes #136063.)
+    limits = ParseLimits(cpu_seconds=1, wall_seconds=20)
+    pool = await make_pool(limits, parse_function=parse_or_misbehave)
+    spin = mail("Subject: spin", "Message-ID: <spin@example.org>", "X-Test: spin")
+    hostile, *others = await parse_all(pool, spin, *(normal(i) for i in range(20)))
+    assert (hostile.malformed, hostile.subject) == ("parse-timeout", "spin")
+    assert hostile.message_id == "<spin@example.org>"
+    assert "CPU limit: worker killed by SIGXCPU" in hostile.defects
+    assert_normal(others)
+    # The limit is per message: the replacement, and the other worker, still parse.
+    assert_normal(await parse_all(pool, *(normal(i) for i in range(4))))
+
+
+async def test_wall_limit_kills_a_stuck_worker(make_pool: PoolFactory) -> None:
+    limits = ParseLimits(wall_seconds=1.0)
+    pool = await make_pool(limits, parse_function=parse_or_misbehave)
+    stuck, *others = await parse_all(
+        pool, mail("Subject: stuck", "X-Test: hang"), *(normal(i) for i in range(20))
+    )
+    assert stuck.malformed == "parse-timeout"
+    assert stuck.subject == "stuck"
+    assert_normal(others)
+    assert_normal(await parse_all(pool, *(normal(i) for i in range(4))))
+
+
+async def test_dead_worker_is_replaced(make_pool: PoolFactory) -> None:
+    pool = await make_pool(workers=1, parse_function=parse_or_misbehave)
+    dead = mail("Subject: fatal", "Message-ID: <fatal@example.org>", "X-Test: die")
+    results = await parse_all(pool, dead, normal(0), dead, normal(1))
+    for message in (results[0], results[2]):
+        assert message.malformed == "parse-crash"
+        assert message.message_id == "<fatal@example.org>"
+        assert "parser worker died (exit code 70)" in message.defects
+    assert_normal([results[1]], 0)
+    assert_normal([results[3]], 1)
+
+
+async def test_worker_killed_while_idle_does_not_fail_the_next_message(
+    make_pool: PoolFactory,
+) -> None:
+    pool = await make_pool(workers=1)
+    [worker] = [p for p in multiprocessing.active_children() if p.name == "gateway-parse"]
+    worker.kill()
+    await asyncio.wait_for(asyncio.to_thread(worker.join), DEADLINE)
+    assert_normal(await parse_all(pool, normal(0)))
+
+
+async def test_memory_limit_applies_in_the_worker(make_pool: PoolFactory) -> None:
+    limits = ParseLimits(memory_bytes=512 << 20)
+    pool = await make_pool(limits, workers=1, parse_function=parse_or_misbehave)
+    hog, after = await parse_all(pool, mail("Subject: hog", "X-Test: hog"), normal(0))
+    assert (hog.malformed, hog.subject) == ("parse-memory", "hog")
+    assert_normal([after])
+
+
+async def test_cancelled_parse_frees_its_worker(make_pool: PoolFactory) -> None:
+    pool = await make_pool(workers=1, parse_function=parse_or_misbehave)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.parse(mail("Subject: slow", "X-Test: hang")), 0.5)
+    assert_normal(await parse_all(pool, normal(0)))
+
+
+async def test_close_is_idempotent_and_parse_after_close_does_not_raise(
+    make_pool: PoolFactory,
+) -> None:
+    pool = await make_pool(parse_function=parse_or_misbehave)
+    in_flight = asyncio.ensure_future(pool.parse(mail("Subject: late", "X-Test: hang")))
+    # Still unanswered after half a second: it is in its worker, not queued.
+    done, _ = await asyncio.wait({in_flight}, timeout=0.5)
+    assert not done
+    waiting = [asyncio.ensure_future(pool.parse(normal(i))) for i in range(4)]
+    await asyncio.wait_for(pool.close(), DEADLINE)
+    await asyncio.wait_for(pool.close(), DEADLINE)
+    late = await asyncio.wait_for(in_flight, DEADLINE)
+    assert (late.malformed, late.subject) == ("parse-crash", "late")
+    for message in await asyncio.wait_for(asyncio.gather(*waiting), DEADLINE):
+        assert message.malformed in (None, "parse-crash")
+    after = await asyncio.wait_for(pool.parse(normal(0)), DEADLINE)
+    assert (after.malformed, after.subject) == ("parse-crash", "message 0")
+
+
+def broken_parser(raw: bytes, limits: ParseLimits) -> InboundMessage:
+    """Worker hook: a parser that fails the worker's start-up self-test."""
+    raise RuntimeError("broken")
+
+
+async def test_start_fails_loudly_when_no_worker_passes_its_self_test() -> None:
+    pool = ParserPool(LIMITS, workers=1, parse_function=broken_parser)
+    try:
+        with pytest.raises(RuntimeError, match="no parser worker could start"):
+            await asyncio.wait_for(pool.start(), DEADLINE)
+        message = await asyncio.wait_for(pool.parse(normal(0)), DEADLINE)
+        assert (message.malformed, message.subject) == ("parse-crash", "message 0")
+    finally:
+        await pool.close()
+
+
+async def test_pool_starts_on_first_parse() -> None:
+    pool = ParserPool(LIMITS, workers=1)
+    try:
+        assert_normal(await parse_all(pool, normal(0)))
+    finally:
+        await pool.close()
