@@ -47,3 +47,21 @@ def match_mailbox(address: str, mailboxes: Iterable[MailboxConfig]) -> Recipient
 def is_our_domain(address: str, mailboxes: Iterable[MailboxConfig]) -> bool:
     domain = split_address(address.strip())[1].lower().rstrip(".")
     return any(mailbox.domain == domain for mailbox in mailboxes)
+
+
+def normalise_address(address: str) -> str | None:
+    """An addr-spec as we compare and store it: lower-case, IDNA (A-label) domain.
+
+    Local parts are compared case-insensitively, as every mail program does in practice.
+    Returns None for something that is not an address at all.
+    """
+    local, domain = split_address(address.strip())
+    if not local or not domain or any(c.isspace() for c in address.strip()):
+        return None
+    domain = domain.rstrip(".").lower()
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return f"{local.lower()}@{domain}"

@@ -50,6 +50,7 @@ class Gateway:
         await self.writer.start()
         try:
             await self.parser.start()
+            await self.pipeline.start()
             self._server, self._state = await start_server(self.config, self.pipeline)
         except BaseException:
             await self.parser.close()

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__, store
 from .config import Config, ConfigError, config_path, load_config
+from .tickets import Status
 
 
 class CliError(Exception):
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", type=_positive_int, help="the message id (from `messages list`)")
     show.add_argument("--raw", action="store_true", help="print the raw bytes as received")
     show.set_defaults(handler=cmd_messages_show)
+
+    tickets = commands.add_parser("tickets", help="the desk's tickets")
+    tickets_sub = tickets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tlist = tickets_sub.add_parser("list", help="tickets, most recently updated first")
+    tlist.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    tlist.add_argument("--unit", help="only this unit")
+    tlist.add_argument("--json", action="store_true", help="machine-readable output")
+    tlist.set_defaults(handler=cmd_tickets_list)
+    tshow = tickets_sub.add_parser("show", help="one ticket with its messages")
+    tshow.add_argument("number", type=_ticket_number, help="the ticket number (1234 or #1234)")
+    tshow.add_argument("--json", action="store_true", help="machine-readable output")
+    tshow.set_defaults(handler=cmd_tickets_show)
     return parser
 
 
@@ -82,6 +95,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
     return value
+
+
+def _ticket_number(text: str) -> int:
+    return _positive_int(text.strip().lstrip("#"))
 
 
 def open_db(config: Config) -> sqlite3.Connection:
@@ -164,6 +181,58 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, ensure_ascii=False, indent=2)
     sys.stdout.write("\n")
+
+
+def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn:
+        tickets = store.list_tickets(conn, status=args.status, unit=args.unit)
+    if args.json:
+        _print_json(tickets)
+        return 0
+    if not tickets:
+        print("no tickets")
+        return 0
+    table = [
+        (
+            f"#{t['number']}",
+            t["status"],
+            t["unit"],
+            t["requester"],
+            str(t["message_count"]),
+            t["updated_at"][:16].replace("T", " "),
+            t["subject"],
+        )
+        for t in tickets
+    ]
+    _print_table(("TICKET", "STATUS", "UNIT", "REQUESTER", "MSGS", "UPDATED", "SUBJECT"), table)
+    return 0
+
+
+def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn:
+        ticket = store.show_ticket(conn, args.number)
+    if ticket is None:
+        raise CliError(f"no ticket #{args.number}")
+    if args.json:
+        _print_json(ticket)
+        return 0
+    tag = config.tickets.tag.replace("{number}", str(ticket["number"]))
+    print(f"{tag} {printable(ticket['subject'])}")
+    print(f"status {ticket['status']}, unit {ticket['unit']}, requester {ticket['requester']}")
+    print(f"opened {ticket['created_at'][:16]}, updated {ticket['updated_at'][:16]}")
+    if ticket["follows"]:
+        print(f"follows up #{ticket['follows']}")
+    for message in ticket["messages"]:
+        print()
+        arrow = "<-" if message["direction"] == "in" else "->"
+        sender = printable(message["from"] or "")
+        print(f"{arrow} [{message['kind']}] {sender}  {printable(message['date'] or '')}")
+        for line in message["text"].splitlines() or [""]:
+            print(f"   {printable(line)}")
+        for attachment in message["attachments"]:
+            name = printable(attachment["name"])
+            print(f"   [attachment] {name} ({attachment['size']} bytes)")
+    return 0
 
 
 def printable(text: str) -> str:

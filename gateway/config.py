@@ -103,6 +103,12 @@ class ParserConfig:
 
 
 @dataclass(frozen=True)
+class TicketsConfig:
+    # The ticket tag in subjects; {number} is the ticket number.
+    tag: str = "[#{number}]"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -129,6 +135,7 @@ class Config:
     parser: ParserConfig
     log: LogConfig
     mailboxes: tuple[MailboxConfig, ...]
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -169,7 +176,7 @@ def load_config(path: Path) -> Config:
     return parse_config(data, path)
 
 
-_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox"}
+_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox", "tickets"}
 
 
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
@@ -180,6 +187,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     storage = _build(StorageConfig, _table(data, "storage"), "storage")
     parser = _build(ParserConfig, _table(data, "parser"), "parser")
     log = _build(LogConfig, _table(data, "log"), "log")
+    tickets = _build(TicketsConfig, _table(data, "tickets"), "tickets")
     raw_boxes = data.get("mailbox", [])
     if not isinstance(raw_boxes, list) or not all(isinstance(b, dict) for b in raw_boxes):
         raise ConfigError("mailbox: must be an array of tables ([[mailbox]])")
@@ -187,7 +195,13 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         _build(MailboxConfig, box, f"mailbox[{i}]") for i, box in enumerate(raw_boxes)
     )
     config = Config(
-        path=path, smtp=smtp, storage=storage, parser=parser, log=log, mailboxes=mailboxes
+        path=path,
+        smtp=smtp,
+        storage=storage,
+        parser=parser,
+        log=log,
+        mailboxes=mailboxes,
+        tickets=tickets,
     )
     _validate(config)
     return config
@@ -307,6 +321,14 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f'log.level: must be "debug", "info", "warning" or "error", got {config.log.level!r}'
         )
+    tag = config.tickets.tag
+    if tag.count("{number}") != 1 or not tag.replace("{number}", "").strip():
+        raise ConfigError(
+            f"tickets.tag: must contain {{number}} exactly once and some text around it, "
+            f"got {tag!r}"
+        )
+    if any(c in tag for c in "\r\n\x00"):
+        raise ConfigError("tickets.tag: must be one line")
     if not config.storage.database:
         raise ConfigError("storage.database: must not be empty")
     if not config.mailboxes:

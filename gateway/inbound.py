@@ -5,7 +5,8 @@ input, hang its caller, or let one hostile message hold up the others.
 The pool is a small hand-written one (one socket pair per worker process, one message per
 worker at a time) rather than ProcessPoolExecutor, because a stuck or over-limit worker must be
 killed on its own: ProcessPoolExecutor can only break as a whole, failing every innocent
-message in flight with it.
+message in flight with it. Workers are started with "spawn" (fork is unsafe in a threaded
+asyncio program); a replacement costs ~0.2 s of CPU, paid only after a hostile message.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ import re
 import resource
 import signal
 import socket
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .classify import DeliveryReport, extract_report
+from .readable import readable_text, strip_reply
 
 # --- values ---------------------------------------------------------------------------------
 
@@ -66,8 +71,8 @@ class HeaderViolation(enum.StrEnum):
 @dataclass(frozen=True)
 class HeaderScan:
     header_bytes: int  # size of the header block (up to and excluding the blank line)
-    field_count: int
-    received_count: int  # number of Received: fields (for the hop limit)
+    field_count: int  # counted in the first MiB of the block only
+    received_count: int  # number of Received: fields (for the hop limit), ditto
     violation: str | None  # a HeaderViolation value, or None
 
 
@@ -106,16 +111,24 @@ class InboundMessage:
     # Every header field (name, decoded unfolded single-line value), bounded by the limits.
     headers: tuple[tuple[str, str], ...]
     content_type: str  # of the top-level part, lower-case
-    text: str  # the first inline text/plain part, decoded with its charset; "" if none
-    html: str  # the first inline text/html part, decoded; "" if none
+    # The first inline text/plain part decoded with its charset (unknown or lying charset:
+    # replacement characters), lines ending in "\n"; "" if none.
+    text: str
+    html: str  # the first inline text/html part, decoded likewise; "" if none
     attachments: tuple[Attachment, ...]
     malformed: str | None  # None or a Malformed value
     defects: tuple[str, ...]  # email-package defects and fields that needed a fallback
+    # What a bounce or delivery notice says (classify.extract_report, run in the worker while
+    # the parsed tree is at hand); None for other mail and for malformed results.
+    report: DeliveryReport | None = None
+    # The readable text (text/plain, else the HTML as text) with the quoted history and
+    # the signature stripped: what a ticket shows. Computed here, off the event loop.
+    reply_text: str = ""
 
 
 # --- constants --------------------------------------------------------------------------------
 
-# RFC 5322 §2.1.1: a line is at most 998 characters; a longer message id is not one we keep.
+# RFC 5322 §2.1.1: a line is at most 998 characters; longer ids and names are cut there.
 _MAX_MESSAGE_ID = 998
 _MAX_DEFECTS = 100
 _MAX_DEFECT_CHARS = 200
@@ -151,12 +164,12 @@ _FIELD_SPLIT = re.compile(rb"\r\n(?![ \t])")
 _BOUNDARY_PARAM = re.compile(
     rb'boundary(?:\*0?\*?)?[ \t]*=[ \t]*(?:"([^"\r\n]*)"|([^\s;"]+))', re.IGNORECASE
 )
-# A delimiter-line candidate, or a part that the stdlib parser recurses into as a message
-# (every message/* type but delivery-status, see email.feedparser._parsegen).
-_MIME_EVENT = re.compile(
-    rb"^(?:--([^\r\n]*)|content-type[ \t]*:\s*message/(?!delivery-status\b))",
-    re.IGNORECASE | re.MULTILINE,
-)
+# A part the stdlib parser recurses into as a message: every message/* type except
+# delivery-status (email.feedparser._parsegen). Case-insensitive inside a pattern whose
+# boundaries are not.
+_MESSAGE_PART = rb"(?i:content-type[ \t]*:\s*message/(?!delivery-status\b))"
+_ANY_MIME_EVENT = re.compile(rb"^(?:--([^\r\n]*)|" + _MESSAGE_PART + rb")", re.MULTILINE)
+_MAX_BOUNDARY_ALTERNATIVES = 64
 _FOLD = re.compile(r"\r?\n(?=[ \t])|\r(?=[ \t])")
 _LINE_BREAKS = re.compile("[\x00\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -165,6 +178,9 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s*]{1,64})(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]
 _ANGLE_ADDR = re.compile(r"<([^<>\s@]{1,256}@[^<>\s@]{1,256})>")
 _BARE_ADDR = re.compile(r"[^\s<>()\[\]\",;:@]{1,256}@[^\s<>()\[\]\",;:@]{1,256}")
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+
+# scan_header_block counts fields and Received lines in this much of the header block.
+_SCAN_COUNT_BYTES = 1 << 20
 
 # Worker protocol: 8-byte big-endian length, then the payload (raw mail one way, a pickled
 # InboundMessage or a Malformed value back). One ready byte is sent after start-up.
@@ -197,21 +213,24 @@ def _scan_header_block(raw: bytes) -> HeaderScan:
     if raw.startswith(b"\r\n"):
         return HeaderScan(header_bytes=0, field_count=0, received_count=0, violation=None)
     end = raw.find(b"\r\n\r\n")
-    block = raw if end < 0 else raw[: end + 2]
-    crlf = block.count(b"\r\n")
-    lines = crlf + (0 if block.endswith(b"\r\n") else 1) if block else 0
+    header_bytes = len(raw) if end < 0 else end + 2
+    violation: str | None = None
+    if raw.find(b"\x00", 0, header_bytes) >= 0:
+        violation = HeaderViolation.NUL_IN_HEADER.value
+    else:
+        crlf = raw.count(b"\r\n", 0, header_bytes)
+        if raw.count(b"\r", 0, header_bytes) != crlf or raw.count(b"\n", 0, header_bytes) != crlf:
+            violation = HeaderViolation.BARE_LINE_ENDING_IN_HEADER.value
+    # Counting is bounded so a 10 MB header block costs the event loop a few ms; a block that
+    # long is over any header limit whatever its counts.
+    block = raw[: min(header_bytes, _SCAN_COUNT_BYTES)]
+    lines = block.count(b"\r\n") + (0 if block.endswith(b"\r\n") else 1) if block else 0
     continuations = block.count(b"\r\n ") + block.count(b"\r\n\t")
     if block[:1] in (b" ", b"\t"):
         continuations += 1
-    received = block[:9].lower() == b"received:"
-    received_count = block.lower().count(b"\r\nreceived:") + int(received)
-    violation: str | None = None
-    if b"\x00" in block:
-        violation = HeaderViolation.NUL_IN_HEADER.value
-    elif block.count(b"\r") != crlf or block.count(b"\n") != crlf:
-        violation = HeaderViolation.BARE_LINE_ENDING_IN_HEADER.value
+    received_count = (b"\r\n" + block).lower().count(b"\r\nreceived:")
     return HeaderScan(
-        header_bytes=len(block),
+        header_bytes=header_bytes,
         field_count=lines - continuations,
         received_count=received_count,
         violation=violation,
@@ -266,29 +285,22 @@ def _prescan_mime(data: bytes, limits: ParseLimits) -> Malformed | None:
     stack: list[bytes | None] = []
     index_of: dict[bytes, int] = {}
     parts = 0
-    for match in _MIME_EVENT.finditer(data):
-        line = match.group(1)
-        if line is None:
+    for boundary, closing in _mime_events(data, boundaries):
+        if boundary is None:
             stack.append(None)
             parts += 1
         else:
-            rest = line.rstrip(b" \t")
-            closing = False
-            if rest not in boundaries:
-                if not (rest.endswith(b"--") and rest[:-2] in boundaries):
-                    continue
-                rest, closing = rest[:-2], True
-            index = index_of.get(rest)
+            index = index_of.get(boundary)
             if index is None:
-                index_of[rest] = len(stack)
-                stack.append(rest)
+                index_of[boundary] = len(stack)
+                stack.append(boundary)
             else:
                 for inner in stack[index + 1 :]:
                     if inner is not None:
                         del index_of[inner]
                 del stack[index + 1 :]
             if closing:
-                del index_of[rest]
+                del index_of[boundary]
                 stack.pop()
             else:
                 parts += 1
@@ -297,6 +309,35 @@ def _prescan_mime(data: bytes, limits: ParseLimits) -> Malformed | None:
         if parts > limits.max_mime_parts:
             return Malformed.TOO_MANY_PARTS
     return None
+
+
+def _mime_events(data: bytes, boundaries: set[bytes]) -> Iterator[tuple[bytes | None, bool]]:
+    """(boundary, is close delimiter) per delimiter line (RFC 2046 §5.1.1, transport padding
+    allowed), (None, False) per message/* part, in document order."""
+    if len(boundaries) <= _MAX_BOUNDARY_ALTERNATIVES:
+        # One pattern naming the declared boundaries keeps the other "--" lines in C.
+        # Longest first, so a boundary that is a prefix of another cannot take its lines.
+        ordered = sorted(boundaries, key=len, reverse=True)
+        alternatives = b"|".join(re.escape(b) for b in ordered) or rb"(?!)"
+        pattern = re.compile(
+            rb"^(?:--(" + alternatives + rb")(--)?[ \t]*\r?$|" + _MESSAGE_PART + rb")",
+            re.MULTILINE,
+        )
+        for match in pattern.finditer(data):
+            yield match.group(1), match.group(2) is not None
+        return
+    # Thousands of boundaries (the 2,000-deep nesting): a pattern that size would be slow to
+    # compile, so look every "--" line up instead; still linear.
+    for match in _ANY_MIME_EVENT.finditer(data):
+        line = match.group(1)
+        if line is None:
+            yield None, False
+            continue
+        rest = line.rstrip(b" \t")
+        if rest in boundaries:
+            yield rest, False
+        elif rest.endswith(b"--") and rest[:-2] in boundaries:
+            yield rest[:-2], True
 
 
 # --- small text helpers -----------------------------------------------------------------------
@@ -582,6 +623,20 @@ def _extract(
         if key == "from":
             from_addresses = _from_addresses(parsed, value, limits, defects)
     content_type, text, html, attachments = _walk(message, limits, defects)
+    try:
+        report = extract_report(message)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"delivery report: {type(exc).__name__}")
+        report = None
+    try:
+        reply_text = strip_reply(readable_text(text, html))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        _add_defect(defects, f"readable text: {type(exc).__name__}")
+        reply_text = text
     return InboundMessage(
         message_id=_optional(raw_first.get("message-id"), _MAX_MESSAGE_ID),
         from_header=decoded_first.get("from"),
@@ -597,6 +652,8 @@ def _extract(
         attachments=attachments,
         malformed=None,
         defects=tuple(defects),
+        report=report,
+        reply_text=reply_text,
     )
 
 
@@ -721,8 +778,12 @@ def _read_part_info(part: email.message.Message, limits: ParseLimits) -> _PartIn
         # Many mailers put RFC 2047 words in filename="..." although RFC 2047 §5 forbids it.
         # Only bounded here: the attachment stage sanitises and needs to see what was sent.
         filename = _clean(_decode_encoded_words(str(filename), None))[: limits.max_field_bytes]
+    content_type = str(content_type).lower()
+    if not _MIME_TYPE.fullmatch(content_type):
+        # RFC 2045 §5.2: an invalid Content-Type is taken as text/plain.
+        content_type = "text/plain"
     return _PartInfo(
-        content_type=str(content_type).lower(),
+        content_type=content_type,
         charset=None if charset is None else str(charset),
         disposition=None if disposition is None else str(disposition).lower(),
         filename=filename,
@@ -849,17 +910,52 @@ def _worker_main(sock: socket.socket, limits: ParseLimits, parse: ParseFunction)
     # A worker killed by SIGXCPU would otherwise dump up to memory_bytes of core.
     _set_soft_limit(resource.RLIMIT_CORE, 0)
     _set_soft_limit(resource.RLIMIT_AS, limits.memory_bytes)
-    with sock, sock.makefile("rwb") as stream:
-        stream.write(_READY)
-        stream.flush()
-        while True:
-            header = stream.read(_FRAME_HEADER)
-            if len(header) < _FRAME_HEADER:
-                return
-            raw = stream.read(int.from_bytes(header, "big"))
-            _arm_cpu_limit(limits.cpu_seconds)
-            stream.write(_frame(_run_parse(parse, raw, limits)))
+    if not _self_test(parse, limits):
+        # Reported to the pool as a worker that did not start.
+        sys.exit(3)
+    try:
+        with sock, sock.makefile("rwb") as stream:
+            stream.write(_READY)
             stream.flush()
+            while True:
+                header = stream.read(_FRAME_HEADER)
+                size = int.from_bytes(header, "big")
+                raw = stream.read(size)
+                if len(header) < _FRAME_HEADER or len(raw) < size:
+                    return
+                _arm_cpu_limit(limits.cpu_seconds)
+                stream.write(_frame(_run_parse(parse, raw, limits)))
+                stream.flush()
+    except OSError:
+        # The pool closed its end (or died): nobody is left to answer.
+        return
+
+
+# RELIABILITY.md part 1, rule 4: the workarounds are checked on the Python actually running,
+# under the worker's own limits, before the worker takes mail.
+_SELF_TEST = (
+    b"From: =?utf-8?q?Self=0ATest?= <self-test@example.org>\r\n"
+    b"To: (c):\r\n"
+    b"Subject: =?utf-8?q?self-test_=C3=A9?=\r\n"
+    b"Message-ID: <[self-test@example.org]>\r\n"
+    b"Content-Type: text/plain; charset=utf-8; name*\r\n"
+    b"\r\n"
+    b"ok\r\n"
+)
+
+
+def _self_test(parse: ParseFunction, limits: ParseLimits) -> bool:
+    try:
+        result = parse(_SELF_TEST, limits)
+        return (
+            result.malformed is None
+            and result.text == "ok\n"
+            and result.subject == "self-test \u00e9"
+            and result.message_id == "<[self-test@example.org]>"
+            and result.from_addresses == (("Self Test", "self-test@example.org"),)
+        )
+    except Exception:
+        return False
 
 
 def _run_parse(parse: ParseFunction, raw: bytes, limits: ParseLimits) -> bytes:
@@ -882,11 +978,16 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_FRAME_HEADER, "big") + payload
 
 
+_RESULT_CLASSES = frozenset(
+    (cls.__module__, cls.__qualname__) for cls in (InboundMessage, Attachment, DeliveryReport)
+)
+
+
 class _ResultUnpickler(pickle.Unpickler):
     """Only our result types: a worker reads hostile input and is trusted no further."""
 
     def find_class(self, module: str, name: str) -> type[object]:
-        if module == __name__ and name in ("InboundMessage", "Attachment"):
+        if (module, name) in _RESULT_CLASSES:
             found: type[object] = super().find_class(module, name)
             return found
         raise pickle.UnpicklingError(f"unexpected class {module}.{name}")
@@ -943,8 +1044,8 @@ class _Worker:
     async def request(self, raw: bytes) -> InboundMessage | str:
         if self._reader is None or self._writer is None:
             raise ConnectionError("worker not connected")
-        self._writer.write(len(raw).to_bytes(_FRAME_HEADER, "big"))
-        self._writer.write(raw)
+        # One write, so the worker wakes once for a small message.
+        self._writer.write(len(raw).to_bytes(_FRAME_HEADER, "big") + raw)
         await self._writer.drain()
         size = int.from_bytes(await self._reader.readexactly(_FRAME_HEADER), "big")
         return _load_result(await self._reader.readexactly(size))
@@ -994,6 +1095,13 @@ class _Worker:
             self.process.close()
 
 
+async def _ready(worker: _Worker | None) -> bool:
+    if worker is None:
+        return False
+    await worker.wait_ready()
+    return True
+
+
 class ParserPool:
     """Parses messages in worker processes; every limit or failure becomes a malformed result.
 
@@ -1025,17 +1133,29 @@ class ParserPool:
         self._closed = False
 
     async def start(self) -> None:
-        """Start the workers and wait until each is ready; idempotent."""
+        """Start the workers and wait until each is ready; idempotent.
+
+        Raises RuntimeError if not one worker could start (a configuration error, e.g. a
+        memory limit too small for the interpreter); the pool still retries on each parse.
+        """
         async with self._start_lock:
             if self._started or self._closed:
                 return
             self._started = True
             fresh = [self._spawn() for _ in range(self._size)]
-            ready = [w.wait_ready() for w in fresh if w is not None]
-            # A worker that fails to start is found out, and replaced, by its first caller.
-            await asyncio.gather(*ready, return_exceptions=True)
-            for worker in fresh:
-                self._idle.put_nowait(worker)
+            outcomes = await asyncio.gather(
+                *(_ready(worker) for worker in fresh), return_exceptions=True
+            )
+            for worker, outcome in zip(fresh, outcomes, strict=True):
+                if worker is not None and outcome is True:
+                    self._idle.put_nowait(worker)
+                else:
+                    # An empty slot: the next caller starts a worker for it.
+                    if worker is not None:
+                        self._retire(worker, replace=False)
+                    self._idle.put_nowait(None)
+            if not any(outcome is True for outcome in outcomes):
+                raise RuntimeError("no parser worker could start")
 
     async def close(self) -> None:
         """Terminate the workers; idempotent. Parses still in flight return malformed."""
@@ -1083,7 +1203,8 @@ class ParserPool:
         except TimeoutError:
             self._retire(worker)
             return self._salvage(raw, Malformed.PARSE_TIMEOUT, "wall-time limit: worker killed")
-        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.UnpicklingError):
+        except Exception:
+            # EOF or a broken pipe: the worker died (or answered nonsense).
             reason, defect = await self._bury(worker)
             return self._salvage(raw, reason, defect)
         except BaseException:

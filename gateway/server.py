@@ -52,6 +52,7 @@ REPLY_550_RELAY_DENIED = "550 5.7.1 Relaying denied"
 REPLY_552_TOO_BIG = "552 5.3.4 Message too big for this system"
 REPLY_553_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
 REPLY_554_TOO_MANY_HOPS = "554 5.4.6 Too many hops, possible mail loop"
+REPLY_554_LOOP = "554 5.4.6 Mail loop detected: this message came from us"
 REPLY_554_BAD_HEADER = "554 5.6.0 Malformed header: bare CR, LF or NUL in the header block"
 
 # aiosmtpd's own replies that carry no enhanced status code, or say too much, mapped to ours.
@@ -66,6 +67,7 @@ _RESULT_REPLIES = {
     IntakeStatus.TEMPFAIL: REPLY_451_TEMPFAIL,
     IntakeStatus.DISK_FULL: REPLY_452_DISK_FULL,
     IntakeStatus.TOO_MANY_HOPS: REPLY_554_TOO_MANY_HOPS,
+    IntakeStatus.LOOP: REPLY_554_LOOP,
     IntakeStatus.BAD_HEADER: REPLY_554_BAD_HEADER,
 }
 

@@ -14,11 +14,14 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import secrets
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .tickets import Status, TicketRef
 
 log = logging.getLogger("gateway")
 
@@ -60,6 +63,74 @@ MIGRATIONS: tuple[str, ...] = (
         message INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
         raw     BLOB NOT NULL
     );
+    """,
+    # 2: tickets, threading, attachments, the audit trail.
+    """
+    CREATE TABLE tickets (
+        number      INTEGER PRIMARY KEY AUTOINCREMENT,
+        unit        TEXT NOT NULL,
+        requester   TEXT NOT NULL,               -- normalised address
+        subject     TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'new',
+        priority    TEXT NOT NULL DEFAULT 'normal',
+        follows     INTEGER REFERENCES tickets (number),  -- the closed ticket it follows up
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE INDEX tickets_by_status ON tickets (status, updated_at);
+    CREATE INDEX tickets_by_unit ON tickets (unit, updated_at);
+    CREATE INDEX tickets_by_updated_at ON tickets (updated_at);
+    -- Who may write to a ticket by its subject tag: its requester and every address
+    -- that has written to it.
+    CREATE TABLE participants (
+        ticket   INTEGER NOT NULL REFERENCES tickets (number),
+        address  TEXT NOT NULL,
+        PRIMARY KEY (ticket, address)
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
+    ALTER TABLE messages ADD COLUMN sender TEXT;          -- normalised From address
+    ALTER TABLE messages ADD COLUMN classification TEXT NOT NULL DEFAULT 'normal';
+    ALTER TABLE messages ADD COLUMN reasons TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE messages ADD COLUMN kind TEXT;            -- client, staff, auto-reply, ...
+    ALTER TABLE messages ADD COLUMN ticket INTEGER REFERENCES tickets (number);
+    ALTER TABLE messages ADD COLUMN threaded_via TEXT;
+    ALTER TABLE messages ADD COLUMN duplicate_of INTEGER REFERENCES messages (id);
+    ALTER TABLE messages ADD COLUMN text TEXT;            -- readable, quotes stripped
+    CREATE INDEX messages_by_ticket ON messages (ticket, id);
+    -- Attachment bytes, content-addressed: the same file sent twice is stored once, and
+    -- no file name from a mail ever becomes a path.
+    CREATE TABLE blobs (
+        sha256  TEXT PRIMARY KEY,
+        size    INTEGER NOT NULL,
+        data    BLOB NOT NULL
+    );
+    CREATE TABLE attachments (
+        message       INTEGER NOT NULL REFERENCES messages (id),
+        position      INTEGER NOT NULL,
+        name          TEXT NOT NULL,            -- sanitised display name
+        content_type  TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        sha256        TEXT NOT NULL REFERENCES blobs (sha256),
+        PRIMARY KEY (message, position)
+    );
+    CREATE TABLE undeliverable (
+        address     TEXT PRIMARY KEY,
+        ticket      INTEGER REFERENCES tickets (number),
+        message     INTEGER REFERENCES messages (id),   -- the bounce that said so
+        status      TEXT,
+        reason      TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY,
+        time     TEXT NOT NULL,
+        actor    TEXT NOT NULL,        -- the OS user for the CLI, the sender for mail
+        action   TEXT NOT NULL,        -- e.g. ticket.created, message.filed
+        subject  TEXT NOT NULL,        -- what it is about, e.g. ticket:12
+        ticket   INTEGER,
+        detail   TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_ticket ON events (ticket, id);
     """,
 )
 
@@ -270,6 +341,14 @@ def _quote(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class StoredAttachment:
+    name: str  # sanitised display name
+    content_type: str
+    data: bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     """What the intake path stores for one accepted message."""
 
@@ -287,15 +366,34 @@ class StoredMessage:
     date_header: str | None
     malformed: str | None
     defects: tuple[str, ...]
+    direction: str = "in"
+    sender: str | None = None
+    classification: str = "normal"
+    reasons: tuple[str, ...] = ()
+    text: str | None = None
+    attachments: tuple[StoredAttachment, ...] = ()
 
 
-def insert_message(conn: sqlite3.Connection, message: StoredMessage) -> int:
+@dataclass(frozen=True)
+class Filing:
+    """Where a stored message went: its ticket, its kind, how it was threaded."""
+
+    ticket: int | None
+    kind: str | None
+    via: str
+    duplicate_of: int | None = None
+
+
+def insert_message(
+    conn: sqlite3.Connection, message: StoredMessage, filing: Filing | None = None
+) -> int:
     cursor = conn.execute(
         """
         INSERT INTO messages (queue_id, received_at, mail_from, rcpt_to, peer, helo, size,
                               sha256, message_id, from_header, subject, date_header,
-                              malformed, defects)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                              malformed, defects, direction, sender, classification, reasons,
+                              text, ticket, kind, threaded_via, duplicate_of)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         """,
         (
             message.queue_id,
@@ -312,19 +410,206 @@ def insert_message(conn: sqlite3.Connection, message: StoredMessage) -> int:
             message.date_header,
             message.malformed,
             json.dumps(list(message.defects)),
+            message.direction,
+            message.sender,
+            message.classification,
+            json.dumps(list(message.reasons)),
+            message.text,
+            filing.ticket if filing else None,
+            filing.kind if filing else None,
+            filing.via if filing else None,
+            filing.duplicate_of if filing else None,
         ),
     )
     row_id = cursor.lastrowid
     assert row_id is not None
     conn.execute("INSERT INTO message_raw (message, raw) VALUES (?, ?)", (row_id, message.raw))
+    for position, attachment in enumerate(message.attachments):
+        conn.execute(
+            "INSERT OR IGNORE INTO blobs (sha256, size, data) VALUES (?, ?, ?)",
+            (attachment.sha256, len(attachment.data), attachment.data),
+        )
+        conn.execute(
+            """
+            INSERT INTO attachments (message, position, name, content_type, size, sha256)
+            VALUES (?, ?, ?, ?, ?, ?)
+            """,
+            (
+                row_id,
+                position,
+                attachment.name,
+                attachment.content_type,
+                len(attachment.data),
+                attachment.sha256,
+            ),
+        )
     return row_id
+
+
+def find_duplicate(conn: sqlite3.Connection, message_id: str, sha256: str) -> int | None:
+    """The first filed message with this Message-ID and these exact bytes, if any."""
+    row = conn.execute(
+        """
+        SELECT id FROM messages
+        WHERE message_id = ? AND sha256 = ? AND duplicate_of IS NULL AND direction = 'in'
+        ORDER BY id LIMIT 1
+        """,
+        (message_id, sha256),
+    ).fetchone()
+    return None if row is None else int(row["id"])
+
+
+def token_secret(conn: sqlite3.Connection) -> bytes:
+    """The key of reply-token macs: made at first start, kept in the database."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'token_secret'").fetchone()
+    if row is not None:
+        return bytes.fromhex(row["value"])
+    secret = secrets.token_bytes(32)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('token_secret', ?)", (secret.hex(),))
+    return secret
+
+
+class TicketQueries:
+    """The reads threading needs (tickets.TicketLookup), inside the filing transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def ticket(self, number: int) -> TicketRef | None:
+        row = self.conn.execute(
+            "SELECT number, status FROM tickets WHERE number = ?", (number,)
+        ).fetchone()
+        return None if row is None else TicketRef(row["number"], Status(row["status"]))
+
+    def ticket_for_message_ids(self, message_ids: Sequence[str]) -> TicketRef | None:
+        # One indexed lookup per id, in the caller's order of preference.
+        for message_id in message_ids:
+            row = self.conn.execute(
+                """
+                SELECT t.number, t.status FROM messages m JOIN tickets t ON t.number = m.ticket
+                WHERE m.message_id = ? ORDER BY m.id DESC LIMIT 1
+                """,
+                (message_id,),
+            ).fetchone()
+            if row is not None:
+                return TicketRef(row["number"], Status(row["status"]))
+        return None
+
+    def may_write(self, number: int, address: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM participants WHERE ticket = ? AND address = ?", (number, address)
+        ).fetchone()
+        return row is not None
+
+
+def outgoing_message(
+    conn: sqlite3.Connection, message_id: str
+) -> tuple[int | None, list[str]] | None:
+    """Our outgoing mail with this Message-ID: (its ticket, its recipients), if we sent it."""
+    row = conn.execute(
+        """
+        SELECT ticket, rcpt_to FROM messages
+        WHERE message_id = ? AND direction = 'out' ORDER BY id DESC LIMIT 1
+        """,
+        (message_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return row["ticket"], [str(a).lower() for a in json.loads(row["rcpt_to"])]
+
+
+def create_ticket(
+    conn: sqlite3.Connection,
+    *,
+    unit: str,
+    requester: str,
+    subject: str,
+    now: str,
+    follows: int | None = None,
+) -> int:
+    cursor = conn.execute(
+        """
+        INSERT INTO tickets (unit, requester, subject, status, follows, created_at, updated_at)
+        VALUES (?, ?, ?, 'new', ?, ?, ?)
+        """,
+        (unit, requester, subject, follows, now, now),
+    )
+    number = cursor.lastrowid
+    assert number is not None
+    add_participant(conn, number, requester)
+    return number
+
+
+def update_ticket(
+    conn: sqlite3.Connection, number: int, *, now: str, status: str | None = None
+) -> None:
+    if status is None:
+        conn.execute("UPDATE tickets SET updated_at = ? WHERE number = ?", (now, number))
+    else:
+        conn.execute(
+            "UPDATE tickets SET updated_at = ?, status = ? WHERE number = ?",
+            (now, status, number),
+        )
+
+
+def add_participant(conn: sqlite3.Connection, ticket: int, address: str) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO participants (ticket, address) VALUES (?, ?)", (ticket, address)
+    )
+
+
+def mark_undeliverable(
+    conn: sqlite3.Connection,
+    *,
+    address: str,
+    ticket: int | None,
+    message: int,
+    status: str | None,
+    reason: str,
+    now: str,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO undeliverable (address, ticket, message, status, reason, updated_at)
+        VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (address) DO UPDATE SET ticket = excluded.ticket,
+            message = excluded.message, status = excluded.status, reason = excluded.reason,
+            updated_at = excluded.updated_at
+        """,
+        (address, ticket, message, status, reason, now),
+    )
+
+
+def is_undeliverable(conn: sqlite3.Connection, address: str) -> bool:
+    row = conn.execute("SELECT 1 FROM undeliverable WHERE address = ?", (address,)).fetchone()
+    return row is not None
+
+
+def record_event(
+    conn: sqlite3.Connection,
+    *,
+    time: str,
+    actor: str,
+    action: str,
+    subject: str,
+    ticket: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO events (time, actor, action, subject, ticket, detail) VALUES (?,?,?,?,?,?)",
+        (time, actor, action, subject, ticket, json.dumps(detail or {}, ensure_ascii=False)),
+    )
+
+
+# --- reading for the CLI --------------------------------------------------------------
 
 
 def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[dict[str, Any]]:
     """Every stored message, newest first, as the `messages list --json` objects."""
     sql = """
         SELECT id, queue_id, message_id, mail_from, rcpt_to, from_header, subject, size,
-               received_at, malformed, peer, helo, sha256
+               received_at, malformed, peer, helo, sha256, ticket, kind, classification,
+               reasons, direction, duplicate_of
         FROM messages ORDER BY received_at DESC, id DESC
     """
     params: tuple[Any, ...] = ()
@@ -343,6 +628,12 @@ def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[di
             "size": row["size"],
             "received_at": row["received_at"],
             "malformed": row["malformed"],
+            "ticket": row["ticket"],
+            "kind": row["kind"],
+            "classification": row["classification"],
+            "reasons": json.loads(row["reasons"]),
+            "direction": row["direction"],
+            "duplicate_of": row["duplicate_of"],
             "peer": row["peer"],
             "helo": row["helo"],
             "sha256": row["sha256"],
@@ -354,3 +645,93 @@ def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[di
 def read_raw(conn: sqlite3.Connection, message: int) -> bytes | None:
     row = conn.execute("SELECT raw FROM message_raw WHERE message = ?", (message,)).fetchone()
     return None if row is None else bytes(row["raw"])
+
+
+_TICKET_COLUMNS = """
+    t.number, t.status, t.subject, t.requester, t.unit, t.priority, t.follows,
+    t.created_at, t.updated_at,
+    (SELECT COUNT(*) FROM messages m WHERE m.ticket = t.number) AS message_count
+"""
+
+
+def _ticket_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "number": row["number"],
+        "status": row["status"],
+        "subject": row["subject"],
+        "requester": row["requester"],
+        "unit": row["unit"],
+        "priority": row["priority"],
+        "follows": row["follows"],
+        "message_count": row["message_count"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def list_tickets(
+    conn: sqlite3.Connection, *, status: str | None = None, unit: str | None = None
+) -> list[dict[str, Any]]:
+    """Tickets, most recently updated first, as the `tickets list --json` objects."""
+    clauses, params = [], []
+    if status is not None:
+        clauses.append("t.status = ?")
+        params.append(status)
+    if unit is not None:
+        clauses.append("t.unit = ?")
+        params.append(unit)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = (
+        f"SELECT {_TICKET_COLUMNS} FROM tickets t {where} ORDER BY t.updated_at DESC, t.number DESC"
+    )
+    return [_ticket_dict(row) for row in conn.execute(sql, params)]
+
+
+def show_ticket(conn: sqlite3.Connection, number: int) -> dict[str, Any] | None:
+    """One ticket with its messages, oldest first, as the `tickets show --json` object."""
+    row = conn.execute(
+        f"SELECT {_TICKET_COLUMNS} FROM tickets t WHERE t.number = ?", (number,)
+    ).fetchone()
+    if row is None:
+        return None
+    ticket = _ticket_dict(row)
+    messages = []
+    for m in conn.execute(
+        """
+        SELECT id, message_id, direction, kind, from_header, date_header, received_at,
+               subject, text, classification, reasons
+        FROM messages WHERE ticket = ? ORDER BY id
+        """,
+        (number,),
+    ):
+        attachments = [
+            {
+                "name": a["name"],
+                "size": a["size"],
+                "sha256": a["sha256"],
+                "content_type": a["content_type"],
+            }
+            for a in conn.execute(
+                "SELECT name, size, sha256, content_type FROM attachments "
+                "WHERE message = ? ORDER BY position",
+                (m["id"],),
+            )
+        ]
+        messages.append(
+            {
+                "id": m["id"],
+                "message_id": m["message_id"],
+                "direction": m["direction"],
+                "kind": m["kind"],
+                "from": m["from_header"],
+                "date": m["date_header"] or m["received_at"],
+                "received_at": m["received_at"],
+                "subject": m["subject"],
+                "text": m["text"] or "",
+                "classification": m["classification"],
+                "reasons": json.loads(m["reasons"]),
+                "attachments": attachments,
+            }
+        )
+    ticket["messages"] = messages
+    return ticket
