@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from email_validator import EmailNotValidError, validate_email
+
 from .config import MailboxConfig
 
 
@@ -65,3 +67,13 @@ def normalise_address(address: str) -> str | None:
         except UnicodeError:
             return None
     return f"{local.lower()}@{domain}"
+
+
+def parse_sender(address: str) -> str | None:
+    """The From addr-spec as identity: valid by email-validator (no DNS), lower-case,
+    domain as IDNA A-label; None if it is not a valid address."""
+    try:
+        valid = validate_email(address.strip(), check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError:
+        return None
+    return f"{valid.local_part.lower()}@{valid.ascii_domain.lower()}"

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from datetime import datetime
 
 from . import __version__
+from .authn import DnsFunc
 from .config import Config
 from .inbound import ParseLimits, ParserPool
 from .logs import event
 from .pipeline import Pipeline, utc_now
+from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
 from .store import Writer
@@ -37,14 +39,22 @@ def parse_limits(config: Config) -> ParseLimits:
 class Gateway:
     """The running service: writer + parser pool + SMTP/LMTP server."""
 
-    def __init__(self, config: Config, *, now: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        now: Callable[[], datetime] = utc_now,
+        dnsfunc: DnsFunc | None = None,
+    ) -> None:
         self.config = config
         self.now = now
         self.writer = Writer(config.database_path, config.storage.busy_timeout_ms)
         self.parser = ParserPool(parse_limits(config), workers=config.parser.workers)
-        self.pipeline = Pipeline(config, self.parser, self.writer, now)
+        # dnsfunc: the DNS lookup of DKIM keys; tests pass a stub, production None.
+        self.pipeline = Pipeline(config, self.parser, self.writer, now, dnsfunc)
         self._server: asyncio.Server | None = None
         self._state: ServerState | None = None
+        self._scheduler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.writer.start()
@@ -52,6 +62,9 @@ class Gateway:
             await self.parser.start()
             await self.pipeline.start()
             self._server, self._state = await start_server(self.config, self.pipeline)
+            self._scheduler = asyncio.create_task(
+                run_scheduler(self.config, self.writer, self.now), name="gateway-scheduler"
+            )
         except BaseException:
             await self.parser.close()
             await self.writer.close()
@@ -68,6 +81,11 @@ class Gateway:
         return self._state
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
         if self._server is not None and self._state is not None:
             await stop_server(self._server, self._state, grace)
             self._server = None

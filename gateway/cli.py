@@ -8,14 +8,24 @@ same SQLite database as the daemon; they never talk to the running daemon.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import os
+import pwd
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
+
 from . import __version__, store
+from .address import is_our_domain, match_mailbox
 from .config import Config, ConfigError, config_path, load_config
 from .tickets import Status
 
@@ -84,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     tshow.add_argument("number", type=_ticket_number, help="the ticket number (1234 or #1234)")
     tshow.add_argument("--json", action="store_true", help="machine-readable output")
     tshow.set_defaults(handler=cmd_tickets_show)
+    add_quarantine_commands(commands)
+    add_admin_commands(commands)
     return parser
 
 
@@ -235,6 +247,134 @@ def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quarantine_commands(commands: Any) -> None:
+    quarantine = commands.add_parser("quarantine", help="held mail: review, release, discard")
+    sub = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    qlist = sub.add_parser("list", help="held mail, newest first")
+    qlist.add_argument("--json", action="store_true", help="machine-readable output")
+    qlist.add_argument(
+        "--all", action="store_true", help="also released, discarded and expired entries"
+    )
+    qlist.set_defaults(handler=cmd_quarantine_list)
+    qshow = sub.add_parser("show", help="one held message: headers, text, reasons")
+    qshow.add_argument("id", type=_positive_int)
+    qshow.set_defaults(handler=cmd_quarantine_show)
+    qrelease = sub.add_parser("release", help="file held mail as if its sender were authorised")
+    qrelease.add_argument("id", type=_positive_int)
+    qrelease.add_argument(
+        "--authorise",
+        action="store_true",
+        help="first add the sender to the organisation that owns its domain",
+    )
+    qrelease.add_argument("--reason", help="why (kept in the audit trail)")
+    qrelease.set_defaults(handler=cmd_quarantine_release)
+    qdiscard = sub.add_parser("discard", help="drop held mail (kept for audit, never filed)")
+    qdiscard.add_argument("id", type=_positive_int)
+    qdiscard.add_argument("--reason", help="why (kept in the audit trail)")
+    qdiscard.set_defaults(handler=cmd_quarantine_discard, block=False)
+    qblock = sub.add_parser("block", help="block the sender of held mail and discard it")
+    qblock.add_argument("id", type=_positive_int)
+    qblock.add_argument("--reason", help="why (kept in the audit trail)")
+    qblock.set_defaults(handler=cmd_quarantine_discard, block=True)
+
+
+def cli_actor() -> str:
+    """Who runs this command, for the audit trail: cli:<OS user>."""
+    try:
+        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid:{os.getuid()}"
+
+
+def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn:
+        entries = store.list_quarantine(conn, None if args.all else "held")
+    if args.json:
+        _print_json(entries)
+        return 0
+    if not entries:
+        print("the quarantine is empty")
+        return 0
+    table = [
+        (
+            str(e["id"]),
+            e["received_at"][:16].replace("T", " "),
+            e["sender"] or "",
+            ",".join(e["reasons"]),
+            e["status"],
+            e["subject"] or "",
+        )
+        for e in entries
+    ]
+    _print_table(("ID", "RECEIVED", "SENDER", "REASONS", "STATUS", "SUBJECT"), table)
+    return 0
+
+
+def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
+    from .quarantine import parse_held
+
+    with closing(open_db(config)) as conn:
+        row = store.held_message(conn, args.id)
+    if row is None:
+        raise CliError(f"no quarantine entry {args.id}")
+    parsed = parse_held(config, bytes(row["raw"]))
+    print(f"quarantine {row['quarantine_id']} ({row['status']}), held {row['held_at'][:19]}")
+    print(f"reasons:   {', '.join(json.loads(row['held_reasons']))}")
+    print(f"envelope:  from <{row['mail_from']}> to {', '.join(json.loads(row['rcpt_to']))}")
+    print(f"peer:      {row['peer']} (helo {printable(row['helo'])})")
+    print()
+    for name, value in parsed.headers[:100]:
+        print(f"{printable(name)}: {printable(value)}")
+    print()
+    for line in (parsed.reply_text or parsed.text).splitlines()[:200]:
+        print(printable(line))
+    return 0
+
+
+def cmd_quarantine_release(config: Config, args: argparse.Namespace) -> int:
+    from .quarantine import QuarantineError, release
+
+    with closing(open_db(config)) as conn:
+        try:
+            released = release(
+                config,
+                conn,
+                args.id,
+                actor=cli_actor(),
+                now=datetime.now(UTC),
+                authorise=args.authorise,
+                reason=args.reason,
+            )
+        except QuarantineError as exc:
+            raise CliError(str(exc)) from None
+    if released.authorised:
+        print(f"authorised {released.authorised}")
+    where = f"ticket #{released.ticket}" if released.ticket else "no ticket"
+    print(f"released quarantine entry {released.quarantine_id}: filed to {where}")
+    return 0
+
+
+def cmd_quarantine_discard(config: Config, args: argparse.Namespace) -> int:
+    from .quarantine import QuarantineError, discard
+
+    with closing(open_db(config)) as conn:
+        try:
+            blocked = discard(
+                conn,
+                args.id,
+                actor=cli_actor(),
+                now=datetime.now(UTC),
+                reason=args.reason,
+                block=args.block,
+            )
+        except QuarantineError as exc:
+            raise CliError(str(exc)) from None
+    if blocked:
+        print(f"blocked {blocked}")
+    print(f"discarded quarantine entry {args.id}")
+    return 0
+
+
 def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "\N{REPLACEMENT CHARACTER}" for c in text)
 
@@ -254,6 +394,734 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print(line(header))
     for row in rows:
         print(line(row))
+
+
+# --- organisations, senders and the audit trail (admin) ---
+#
+# Every mutating command makes its checks and its changes, and records their audit events,
+# inside one BEGIN IMMEDIATE transaction: the checks still hold when the changes commit, and
+# the daemon's writer simply waits (busy_timeout) instead of failing. The daemon reads the
+# sender list for each message, so a committed change applies to the next message.
+
+# The header of `senders import` and `senders export` files.
+SENDERS_CSV_HEADER = ("address", "org", "name")
+# Bad rows `senders import` names before giving up on a file.
+_MAX_IMPORT_ERRORS = 50
+# Events the table shows when no --limit is given (--json shows all).
+_EVENTS_TABLE_LIMIT = 100
+
+
+def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`orgs`, `senders` and `events`."""
+    orgs = commands.add_parser("orgs", help="client organisations")
+    orgs_sub = orgs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    oadd = orgs_sub.add_parser("add", help="add an organisation")
+    oadd.add_argument("name", metavar="NAME", help="its name (unique, any case)")
+    oadd.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="D",
+        help="a mail domain of the organisation (repeatable); it identifies the "
+        "organisation but authorises nobody by itself",
+    )
+    oadd.add_argument("--unit", metavar="U", help="the desk unit its tickets go to")
+    oadd.add_argument("--account-manager", metavar="ADDR", help="its account manager's address")
+    _add_reason_option(oadd)
+    oadd.set_defaults(handler=cmd_orgs_add)
+    olist = orgs_sub.add_parser("list", help="every organisation")
+    olist.add_argument("--json", action="store_true", help="machine-readable output")
+    olist.set_defaults(handler=cmd_orgs_list)
+    oupdate = orgs_sub.add_parser("update", help="change an organisation's domains or details")
+    oupdate.add_argument("name", metavar="NAME")
+    oupdate.add_argument("--add-domain", action="append", default=[], metavar="D")
+    oupdate.add_argument("--remove-domain", action="append", default=[], metavar="D")
+    oupdate.add_argument("--unit", metavar="U", help='the desk unit ("" for none)')
+    oupdate.add_argument("--account-manager", metavar="ADDR", help='an address ("" for none)')
+    _add_reason_option(oupdate)
+    oupdate.set_defaults(handler=cmd_orgs_update)
+    oremove = orgs_sub.add_parser(
+        "remove", help="remove an organisation with no tickets, and its authorised senders"
+    )
+    oremove.add_argument("name", metavar="NAME")
+    _add_reason_option(oremove)
+    oremove.set_defaults(handler=cmd_orgs_remove)
+
+    senders = commands.add_parser("senders", help="authorised and blocked senders")
+    senders_sub = senders.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sadd = senders_sub.add_parser(
+        "add", help="authorise an address (or, with --domain, a whole domain) for an organisation"
+    )
+    sadd.add_argument("address", nargs="?", metavar="ADDRESS")
+    sadd.add_argument(
+        "--domain", metavar="DOMAIN", help="authorise every address at DOMAIN instead"
+    )
+    sadd.add_argument("--org", required=True, metavar="NAME", help="the organisation")
+    sadd.add_argument("--name", metavar="TEXT", help="the sender's display name")
+    _add_reason_option(sadd)
+    sadd.set_defaults(handler=cmd_senders_add)
+    sremove = senders_sub.add_parser("remove", help="remove an address (or a domain grant)")
+    sremove.add_argument("address", nargs="?", metavar="ADDRESS")
+    sremove.add_argument("--domain", metavar="DOMAIN", help="remove the grant of DOMAIN")
+    _add_reason_option(sremove)
+    sremove.set_defaults(handler=cmd_senders_remove)
+    sblock = senders_sub.add_parser("block", help="refuse all mail from an address")
+    sblock.add_argument("address", metavar="ADDRESS")
+    _add_reason_option(sblock)
+    sblock.set_defaults(handler=cmd_senders_block)
+    slist = senders_sub.add_parser("list", help="authorised and blocked senders")
+    slist.add_argument("--org", metavar="NAME", help="only this organisation's")
+    slist.add_argument("--json", action="store_true", help="machine-readable output")
+    slist.set_defaults(handler=cmd_senders_list)
+    simport = senders_sub.add_parser(
+        "import", help="add or update senders from a CSV file: all rows or none"
+    )
+    simport.add_argument("file", metavar="FILE.csv", help="header address,org,name; - for stdin")
+    _add_reason_option(simport)
+    simport.set_defaults(handler=cmd_senders_import)
+    sexport = senders_sub.add_parser(
+        "export", help="authorised senders as CSV (what `senders import` reads)"
+    )
+    sexport.set_defaults(handler=cmd_senders_export)
+
+    events = commands.add_parser("events", help="the audit trail, newest first")
+    events.add_argument("--ticket", type=_ticket_number, metavar="N", help="only this ticket's")
+    events.add_argument("--json", action="store_true", help="machine-readable output (all)")
+    events.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help=f"show at most N events (table default {_EVENTS_TABLE_LIMIT})",
+    )
+    events.set_defaults(handler=cmd_events)
+
+
+def _add_reason_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", metavar="TEXT", help="why (kept in the audit trail)")
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@contextmanager
+def _admin_db(config: Config, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """The database for one command; with `write`, one transaction committed at the end."""
+    try:
+        with closing(open_db(config)) as conn:
+            if write:
+                with store.write_transaction(conn):
+                    yield conn
+            else:
+                yield conn
+    except sqlite3.OperationalError as exc:
+        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code not in (store.SQLITE_BUSY, store.SQLITE_LOCKED):
+            raise
+        raise CliError(
+            f"the database is locked by another process (waited "
+            f"{config.storage.busy_timeout_ms} ms); nothing was changed, try again"
+        ) from None
+
+
+def _record(
+    conn: sqlite3.Connection,
+    args: argparse.Namespace,
+    *,
+    now: str,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+) -> None:
+    if args.reason:
+        detail = {**detail, "reason": args.reason}
+    store.record_event(
+        conn, time=now, actor=cli_actor(), action=action, subject=subject, detail=detail
+    )
+
+
+def valid_address(text: str) -> str:
+    """An address as senders are stored: valid, lower-case, IDNA (A-label) domain."""
+    try:
+        valid = validate_email(text.strip(), check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise CliError(f"invalid address '{text}': {exc}") from None
+    return f"{valid.local_part.lower()}@{valid.ascii_domain.lower()}"
+
+
+def valid_domain(text: str) -> str:
+    """A mail domain as stored: lower-case A-label (a leading "@" is allowed)."""
+    candidate = text.strip().removeprefix("@")
+    try:
+        valid = validate_email(f"postmaster@{candidate}", check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise CliError(f"invalid domain '{text}': {exc}") from None
+    return valid.ascii_domain.lower()
+
+
+def _org_name(text: str) -> str:
+    name = text.strip()
+    if not name:
+        raise CliError("the organisation name is empty")
+    if not name.isprintable() or len(name) > 200:
+        raise CliError(f"invalid organisation name '{printable(name)}': printable, 200 at most")
+    return name
+
+
+def _display_name(text: str | None) -> str | None:
+    # Line breaks and tabs (a spreadsheet cell's, say) become single spaces.
+    name = " ".join((text or "").split())
+    if not name:
+        return None
+    if not name.isprintable():
+        raise CliError(f"invalid name '{printable(name)}': control characters")
+    return name
+
+
+def _unit(config: Config, text: str) -> str | None:
+    if not text.strip():
+        return None
+    units = sorted({m.unit for m in config.mailboxes})
+    if text.strip() not in units:
+        raise CliError(f"unknown unit '{text}' (the mailboxes' units: {', '.join(units)})")
+    return text.strip()
+
+
+def _check_not_ours(config: Config, domain: str) -> None:
+    if is_our_domain(f"x@{domain}", config.mailboxes) or domain in config.staff.domains:
+        raise CliError(f"domain '{domain}' is one of our own (a mailbox or staff domain)")
+
+
+def _find_org(conn: sqlite3.Connection, name: str) -> store.Organisation:
+    org = store.find_organisation(conn, name.strip())
+    if org is None:
+        raise CliError(f"no organisation '{name}'")
+    return org
+
+
+def _sender_key(address: str | None, domain: str | None, *, at_domain: bool = False) -> str:
+    """The senders row an ADDRESS or --domain argument names ("@domain" for a domain).
+
+    Only with `at_domain` does an ADDRESS "@domain" name a domain: authorising a whole
+    domain must always be asked for by name (--domain).
+    """
+    if (address is None) == (domain is None):
+        raise CliError("give either an ADDRESS or --domain DOMAIN")
+    if domain is not None:
+        return "@" + valid_domain(domain)
+    assert address is not None
+    if at_domain and address.strip().startswith("@"):
+        return "@" + valid_domain(address)
+    return valid_address(address)
+
+
+def _check_domain_grant(
+    conn: sqlite3.Connection, address: str, org: store.Organisation
+) -> str | None:
+    """Why `org` may not be granted this "@domain", or None if it may."""
+    domain = address[1:]
+    if domain in org.domains:
+        return None
+    owner = store.organisation_for_domain(conn, domain)
+    if owner is not None:
+        return f"domain '{domain}' belongs to organisation '{owner.name}', not '{org.name}'"
+    return (
+        f"domain '{domain}' is not one of {org.name}'s domains "
+        f"(add it first: gateway orgs update '{org.name}' --add-domain {domain})"
+    )
+
+
+def _domain_grant_warning(address: str, org: str) -> None:
+    print(
+        f"gateway: warning: every address at {address[1:]} is now authorised for {org}",
+        file=sys.stderr,
+    )
+
+
+def _org_json(org: store.Organisation) -> dict[str, Any]:
+    return {
+        "name": org.name,
+        "domains": list(org.domains),
+        "unit": org.unit,
+        "account_manager": org.account_manager,
+        "senders": org.senders,
+        "created_at": org.created_at,
+    }
+
+
+def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
+    name = _org_name(args.name)
+    domains = list(dict.fromkeys(valid_domain(d) for d in args.domain))
+    for domain in domains:
+        _check_not_ours(config, domain)
+    unit = _unit(config, args.unit) if args.unit is not None else None
+    manager = valid_address(args.account_manager) if args.account_manager else None
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        existing = store.find_organisation(conn, name)
+        if existing is not None:
+            raise CliError(f"organisation '{existing.name}' exists")
+        for domain in domains:
+            owner = store.organisation_for_domain(conn, domain)
+            if owner is not None:
+                raise CliError(f"domain '{domain}' belongs to organisation '{owner.name}'")
+        store.add_organisation(
+            conn, name=name, domains=domains, unit=unit, account_manager=manager, now=now
+        )
+        _record(
+            conn,
+            args,
+            now=now,
+            action="org.added",
+            subject=f"org:{name}",
+            detail={"domains": domains, "unit": unit, "account_manager": manager},
+        )
+    print(f"added organisation {name} (domains: {', '.join(domains) or 'none'})")
+    return 0
+
+
+def cmd_orgs_list(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        orgs = store.list_organisations(conn)
+    if args.json:
+        _print_json([_org_json(org) for org in orgs])
+        return 0
+    if not orgs:
+        print("no organisations")
+        return 0
+    table = [
+        (o.name, " ".join(o.domains), o.unit or "", o.account_manager or "", str(o.senders))
+        for o in orgs
+    ]
+    _print_table(("NAME", "DOMAINS", "UNIT", "ACCOUNT MANAGER", "SENDERS"), table)
+    return 0
+
+
+def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
+    if not (args.add_domain or args.remove_domain) and (
+        args.unit is None and args.account_manager is None
+    ):
+        raise CliError(
+            "nothing to change: give --add-domain, --remove-domain, --unit or --account-manager"
+        )
+    added = list(dict.fromkeys(valid_domain(d) for d in args.add_domain))
+    removed = list(dict.fromkeys(valid_domain(d) for d in args.remove_domain))
+    for domain in added:
+        _check_not_ours(config, domain)
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        org = _find_org(conn, args.name)
+        changes: dict[str, Any] = {}
+        for domain in added:
+            owner = store.organisation_for_domain(conn, domain)
+            if owner is not None and owner.id == org.id:
+                raise CliError(f"domain '{domain}' is already one of {org.name}'s domains")
+            if owner is not None:
+                raise CliError(f"domain '{domain}' belongs to organisation '{owner.name}'")
+            store.add_org_domain(conn, org.id, domain)
+        for domain in removed:
+            if store.find_sender(conn, f"@{domain}") is not None:
+                raise CliError(
+                    f"every address at {domain} is authorised: "
+                    f"`gateway senders remove --domain {domain}` first"
+                )
+            if not store.remove_org_domain(conn, org.id, domain):
+                raise CliError(f"domain '{domain}' is not one of {org.name}'s domains")
+        if added:
+            changes["domains_added"] = added
+        if removed:
+            changes["domains_removed"] = removed
+        unit, manager = org.unit, org.account_manager
+        if args.unit is not None:
+            unit = _unit(config, args.unit)
+        if args.account_manager is not None:
+            manager = valid_address(args.account_manager) if args.account_manager else None
+        if unit != org.unit:
+            changes["unit"] = {"from": org.unit, "to": unit}
+        if manager != org.account_manager:
+            changes["account_manager"] = {"from": org.account_manager, "to": manager}
+        if not changes:
+            print(f"organisation {org.name} unchanged")
+            return 0
+        store.update_organisation(conn, org.id, unit=unit, account_manager=manager)
+        _record(
+            conn, args, now=now, action="org.updated", subject=f"org:{org.name}", detail=changes
+        )
+    print(f"updated organisation {org.name}: {', '.join(changes)}")
+    return 0
+
+
+def cmd_orgs_remove(config: Config, args: argparse.Namespace) -> int:
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        org = _find_org(conn, args.name)
+        tickets = store.count_organisation_tickets(conn, org.id)
+        if tickets:
+            raise CliError(
+                f"organisation '{org.name}' has {tickets} ticket(s) and cannot be removed"
+            )
+        removed = store.remove_organisation(conn, org.id)
+        for address in removed:
+            _record(
+                conn,
+                args,
+                now=now,
+                action="sender.removed",
+                subject=f"sender:{address}",
+                detail={"organisation": org.name, "via": "orgs remove"},
+            )
+        _record(
+            conn,
+            args,
+            now=now,
+            action="org.removed",
+            subject=f"org:{org.name}",
+            detail={"domains": list(org.domains), "senders_removed": removed},
+        )
+    print(f"removed organisation {org.name} and {len(removed)} authorised sender(s)")
+    return 0
+
+
+def cmd_senders_add(config: Config, args: argparse.Namespace) -> int:
+    address = _sender_key(args.address, args.domain)
+    if not address.startswith("@") and match_mailbox(address, config.mailboxes) is not None:
+        raise CliError(f"{address} is one of our own mailboxes")
+    name = _display_name(args.name)
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        org = _find_org(conn, args.org)
+        if address.startswith("@"):
+            problem = _check_domain_grant(conn, address, org)
+            if problem is not None:
+                raise CliError(problem)
+        existing = store.find_sender(conn, address)
+        if existing is not None and existing.blocked:
+            raise CliError(f"{address} is blocked; `gateway senders remove {address}` it first")
+        if existing is not None and args.name is None:
+            name = existing.name
+        if existing is not None and (existing.organisation, existing.name) == (org.name, name):
+            print(f"{address} is already authorised for {org.name}; nothing changed")
+            return 0
+        store.upsert_sender(conn, address=address, organisation=org.id, name=name, now=now)
+        if existing is None:
+            action, verb = "sender.added", "authorised"
+            detail: dict[str, Any] = {"organisation": org.name, "name": name}
+        else:
+            action, verb = "sender.updated", "updated"
+            detail = _sender_changes(existing, org.name, name)
+        if address.startswith("@"):
+            detail["domain"] = True
+        _record(conn, args, now=now, action=action, subject=f"sender:{address}", detail=detail)
+        owner = None
+        if not address.startswith("@"):
+            owner = store.organisation_for_domain(conn, address.rpartition("@")[2])
+    print(f"{verb} {address} for {org.name}" + (f" ({name})" if name else ""))
+    if address.startswith("@"):
+        _domain_grant_warning(address, org.name)
+    elif owner is not None and owner.id != org.id:
+        print(
+            f"gateway: note: {address.rpartition('@')[2]} is a domain of organisation "
+            f"{owner.name}, not {org.name}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _sender_changes(old: store.SenderEntry, org: str, name: str | None) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if old.organisation != org:
+        changes["organisation"] = {"from": old.organisation, "to": org}
+    if old.name != name:
+        changes["name"] = {"from": old.name, "to": name}
+    return changes
+
+
+def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        try:
+            address = _sender_key(args.address, args.domain, at_domain=True)
+        except CliError:
+            # A row stored under rules that have since changed must stay removable.
+            raw = (args.address or "").strip().lower()
+            if not raw or args.domain is not None or store.find_sender(conn, raw) is None:
+                raise
+            address = raw
+        existing = store.find_sender(conn, address)
+        if existing is None or not store.remove_sender(conn, address):
+            raise CliError(f"no sender '{address}'")
+        _record(
+            conn,
+            args,
+            now=now,
+            action="sender.removed",
+            subject=f"sender:{address}",
+            detail={
+                "organisation": existing.organisation,
+                "name": existing.name,
+                "blocked": existing.blocked,
+            },
+        )
+    state = "blocked" if existing.blocked else "authorised"
+    print(
+        f"removed {address} (was {state}"
+        + (f" for {existing.organisation})" if existing.organisation else ")")
+    )
+    return 0
+
+
+def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
+    address = valid_address(args.address)
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        existing = store.find_sender(conn, address)
+        if existing is not None and existing.blocked:
+            print(f"{address} is already blocked; nothing changed")
+            return 0
+        store.block_sender(conn, address, now=now)
+        _record(
+            conn,
+            args,
+            now=now,
+            action="sender.blocked",
+            subject=f"sender:{address}",
+            detail={
+                "organisation": existing.organisation if existing else None,
+                "was": "authorised" if existing else "unknown",
+            },
+        )
+    print(f"blocked {address}: all its mail is refused")
+    return 0
+
+
+def _sender_json(sender: store.SenderEntry) -> dict[str, Any]:
+    return {
+        "address": sender.address,
+        "organisation": sender.organisation,
+        "name": sender.name,
+        "blocked": sender.blocked,
+        "domain": sender.is_domain,
+    }
+
+
+def cmd_senders_list(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        org_id = _find_org(conn, args.org).id if args.org is not None else None
+        senders = store.list_senders(conn, organisation=org_id)
+    if args.json:
+        _print_json([_sender_json(s) for s in senders])
+        return 0
+    if not senders:
+        print("no senders")
+        return 0
+    table = [
+        (
+            s.address,
+            s.organisation or "",
+            s.name or "",
+            "blocked" if s.blocked else "whole domain" if s.is_domain else "authorised",
+        )
+        for s in senders
+    ]
+    _print_table(("ADDRESS", "ORGANISATION", "NAME", "STATUS"), table)
+    return 0
+
+
+@dataclass(frozen=True)
+class _ImportRow:
+    line: int  # physical line in the file, the header being line 1
+    address: str  # normalised, or "@domain"
+    org: str
+    name: str | None
+
+
+def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
+    label, records = _read_csv(args.file)
+    errors: list[tuple[int, str]] = []
+    rows: list[_ImportRow] = []
+    first_line: dict[str, int] = {}
+    for line, record in records:
+        try:
+            row = _import_row(config, line, record)
+        except CliError as exc:
+            errors.append((line, str(exc)))
+            continue
+        if row.address in first_line:
+            errors.append((line, f"{row.address} is already on line {first_line[row.address]}"))
+            continue
+        first_line[row.address] = line
+        rows.append(row)
+    now = _utc_now()
+    added = updated = unchanged = 0
+    granted: list[tuple[str, str]] = []  # the domain grants this import adds or changes
+    with _admin_db(config, write=True) as conn:
+        orgs: dict[str, store.Organisation] = {}
+        plans: list[tuple[_ImportRow, store.Organisation, store.SenderEntry | None]] = []
+        for row in rows:
+            key = row.org.casefold()
+            if key not in orgs:
+                found = store.find_organisation(conn, row.org)
+                if found is None:
+                    errors.append((row.line, f"no organisation '{row.org}'"))
+                    continue
+                orgs[key] = found
+            org = orgs[key]
+            existing = store.find_sender(conn, row.address)
+            if existing is not None and existing.blocked:
+                errors.append((row.line, f"{row.address} is blocked"))
+                continue
+            if row.address.startswith("@"):
+                problem = _check_domain_grant(conn, row.address, org)
+                if problem is not None:
+                    errors.append((row.line, problem))
+                    continue
+            plans.append((row, org, existing))
+        if errors:
+            errors.sort()
+            for line, reason in errors[:_MAX_IMPORT_ERRORS]:
+                print(f"gateway: {label}:{line}: {reason}", file=sys.stderr)
+            if len(errors) > _MAX_IMPORT_ERRORS:
+                more = len(errors) - _MAX_IMPORT_ERRORS
+                print(f"gateway: {label}: ... and {more} more", file=sys.stderr)
+            raise CliError(f"{label}: nothing imported ({len(errors)} bad row(s))")
+        for row, org, existing in plans:
+            if existing is not None and (existing.organisation, existing.name) == (
+                org.name,
+                row.name,
+            ):
+                unchanged += 1
+                continue
+            store.upsert_sender(
+                conn, address=row.address, organisation=org.id, name=row.name, now=now
+            )
+            detail: dict[str, Any] = {"via": "import", "file": label, "line": row.line}
+            if existing is None:
+                added += 1
+                action = "sender.added"
+                detail.update(organisation=org.name, name=row.name)
+            else:
+                updated += 1
+                action = "sender.updated"
+                detail.update(_sender_changes(existing, org.name, row.name))
+            _record(
+                conn, args, now=now, action=action, subject=f"sender:{row.address}", detail=detail
+            )
+            if row.address.startswith("@"):
+                granted.append((row.address, org.name))
+        if added or updated:
+            _record(
+                conn,
+                args,
+                now=now,
+                action="senders.imported",
+                subject="senders",
+                detail={"file": label, "added": added, "updated": updated, "unchanged": unchanged},
+            )
+    for address, org_name in granted:
+        _domain_grant_warning(address, org_name)
+    print(f"imported {label}: {added} added, {updated} updated, {unchanged} unchanged")
+    return 0
+
+
+def _read_csv(file: str) -> tuple[str, list[tuple[int, list[str]]]]:
+    """The records of a senders CSV file after its header, each with its first line number."""
+    if file == "-":
+        label, data = "<stdin>", sys.stdin.buffer.read()
+    else:
+        label = file
+        try:
+            data = Path(file).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not data
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise CliError(f"{label}:{line}: not UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for record in reader:
+            records.append((start, record))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise CliError(f"{label}:{start}: {exc}") from None
+    header = tuple(cell.strip() for cell in records[0][1]) if records else ()
+    if header != SENDERS_CSV_HEADER:
+        raise CliError(f"{label}:1: the header must be exactly {','.join(SENDERS_CSV_HEADER)}")
+    return label, [(line, r) for line, r in records[1:] if any(cell.strip() for cell in r)]
+
+
+def _import_row(config: Config, line: int, record: list[str]) -> _ImportRow:
+    if len(record) not in (2, 3):
+        raise CliError(f"expected 3 fields ({','.join(SENDERS_CSV_HEADER)}), found {len(record)}")
+    address_text, org = record[0].strip(), record[1].strip()
+    if address_text.startswith("@"):
+        address = "@" + valid_domain(address_text)
+    else:
+        address = valid_address(address_text)
+        if match_mailbox(address, config.mailboxes) is not None:
+            raise CliError(f"{address} is one of our own mailboxes")
+    if not org:
+        raise CliError("the org field is empty")
+    name = _display_name(record[2] if len(record) == 3 else None)
+    return _ImportRow(line, address, org, name)
+
+
+def cmd_senders_export(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        senders = store.list_senders(conn)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(SENDERS_CSV_HEADER)
+    blocked = 0
+    for sender in senders:
+        if sender.blocked or sender.organisation is None:
+            blocked += sender.blocked
+            continue
+        writer.writerow((sender.address, sender.organisation, sender.name or ""))
+    sys.stdout.flush()
+    if blocked:
+        # The file format has no column for a block: say what it leaves out.
+        print(
+            f"gateway: note: {blocked} blocked address(es) not exported (`senders list`)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _detail_text(detail: dict[str, Any]) -> str:
+    # The reason first: the column is cut at the table's width, and "why" matters most.
+    ordered = sorted(detail.items(), key=lambda item: item[0] != "reason")
+    return ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in ordered)
+
+
+def cmd_events(config: Config, args: argparse.Namespace) -> int:
+    limit = args.limit
+    if limit is None and not args.json:
+        limit = _EVENTS_TABLE_LIMIT
+    with _admin_db(config) as conn:
+        events = store.list_events(conn, ticket=args.ticket, limit=limit)
+    if args.json:
+        _print_json(events)
+        return 0
+    if not events:
+        print("no events")
+        return 0
+    table = [
+        (
+            e["time"][:19].replace("T", " "),
+            e["actor"],
+            e["action"],
+            e["subject"],
+            _detail_text(e["detail"]),
+        )
+        for e in events
+    ]
+    _print_table(("TIME (UTC)", "ACTOR", "ACTION", "SUBJECT", "DETAIL"), table)
+    if args.limit is None and len(events) == limit:
+        print(f"(the newest {limit}; --limit N for more)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -109,6 +109,35 @@ class TicketsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    # What happens to mail from a sender nobody authorised: "quarantine" or "reject".
+    unknown_sender: str = "quarantine"
+    # Authentication-Results headers are trusted only from these authserv-ids (the front
+    # MTA that checked DKIM/SPF/DMARC and strips such headers from incoming mail).
+    trusted_authserv_ids: tuple[str, ...] = ()
+    # Without an aligned DKIM or SPF pass, an authorised address counts as forged.
+    require_authentication: bool = False
+    # Verify DKIM signatures ourselves (dkimpy), with this minimum key size.
+    verify_dkim: bool = False
+    dkim_min_key_bits: int = 1024
+    dns_timeout: float = 5.0
+    # Held mail expires (with an audit event) after this many days.
+    quarantine_days: int = 14
+    # Where a refused sender is told to ask for access (in the 550 text), if set.
+    contact: str = ""
+    # Automatic mail per recipient, and the inbound rate that trips the loop rule.
+    max_auto_replies_per_hour: int = 5
+    max_auto_replies_per_day: int = 20
+    loop_threshold_per_hour: int = 20
+
+
+@dataclass(frozen=True)
+class StaffConfig:
+    addresses: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -136,6 +165,14 @@ class Config:
     log: LogConfig
     mailboxes: tuple[MailboxConfig, ...]
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    staff: StaffConfig = field(default_factory=StaffConfig)
+
+    def is_staff(self, address: str | None) -> bool:
+        """Staff by configured address or domain (address already normalised)."""
+        if not address:
+            return False
+        return address in self.staff.addresses or address.rpartition("@")[2] in self.staff.domains
 
     @property
     def base_dir(self) -> Path:
@@ -176,7 +213,7 @@ def load_config(path: Path) -> Config:
     return parse_config(data, path)
 
 
-_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox", "tickets"}
+_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox", "tickets", "policy", "staff"}
 
 
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
@@ -188,6 +225,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     parser = _build(ParserConfig, _table(data, "parser"), "parser")
     log = _build(LogConfig, _table(data, "log"), "log")
     tickets = _build(TicketsConfig, _table(data, "tickets"), "tickets")
+    policy = _build(PolicyConfig, _table(data, "policy"), "policy")
+    staff = _build(StaffConfig, _table(data, "staff"), "staff")
     raw_boxes = data.get("mailbox", [])
     if not isinstance(raw_boxes, list) or not all(isinstance(b, dict) for b in raw_boxes):
         raise ConfigError("mailbox: must be an array of tables ([[mailbox]])")
@@ -202,6 +241,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         log=log,
         mailboxes=mailboxes,
         tickets=tickets,
+        policy=policy,
+        staff=staff,
     )
     _validate(config)
     return config
@@ -329,6 +370,36 @@ def _validate(config: Config) -> None:
         )
     if any(c in tag for c in "\r\n\x00"):
         raise ConfigError("tickets.tag: must be one line")
+    policy = config.policy
+    if policy.unknown_sender not in ("quarantine", "reject"):
+        raise ConfigError(
+            'policy.unknown_sender: must be "quarantine" or "reject", '
+            f"got {policy.unknown_sender!r}"
+        )
+    for key in (
+        "dkim_min_key_bits",
+        "quarantine_days",
+        "max_auto_replies_per_hour",
+        "max_auto_replies_per_day",
+        "loop_threshold_per_hour",
+    ):
+        if getattr(policy, key) < 1:
+            raise ConfigError(f"policy.{key}: must be at least 1, got {getattr(policy, key)}")
+    if policy.dns_timeout <= 0:
+        raise ConfigError("policy.dns_timeout: must be more than 0")
+    if any(c in policy.contact for c in "\r\n\x00") or not policy.contact.isascii():
+        raise ConfigError("policy.contact: must be one line of ASCII (it is sent in SMTP replies)")
+    staff_addresses = tuple(
+        normalise_mailbox(a, f"staff.addresses[{i}]", allow_plus=True)
+        for i, a in enumerate(config.staff.addresses)
+    )
+    staff_domains = tuple(
+        normalise_mailbox(f"x@{d}", f"staff.domains[{i}]").partition("@")[2]
+        for i, d in enumerate(config.staff.domains)
+    )
+    object.__setattr__(
+        config, "staff", StaffConfig(addresses=staff_addresses, domains=staff_domains)
+    )
     if not config.storage.database:
         raise ConfigError("storage.database: must not be empty")
     if not config.mailboxes:
@@ -346,12 +417,12 @@ def _validate(config: Config) -> None:
     object.__setattr__(config, "mailboxes", tuple(normalised))
 
 
-def normalise_mailbox(address: str, key: str) -> str:
-    """A configured mailbox: a valid address without a plus tag, lower-cased."""
+def normalise_mailbox(address: str, key: str, allow_plus: bool = False) -> str:
+    """A configured address: valid, lower-cased; a mailbox has no plus tag."""
     try:
         valid = validate_email(address, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ConfigError(f"{key}: not a valid address: {exc}") from None
-    if "+" in valid.local_part:
+    if "+" in valid.local_part and not allow_plus:
         raise ConfigError(f"{key}: must not contain '+' (plus tags are accepted automatically)")
     return f"{valid.local_part.lower()}@{valid.ascii_domain.lower()}"

@@ -24,7 +24,7 @@ def format_value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def event(name: str, level: int = logging.INFO, **fields: object) -> None:
+def event(name: str, level: int = logging.INFO, /, **fields: object) -> None:
     """Log one event: ``event=name key=value ...`` (None values are left out)."""
     if not log.isEnabledFor(level):
         return

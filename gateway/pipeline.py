@@ -1,17 +1,21 @@
-"""The flow of one message, on one screen: check -> parse -> classify -> thread -> store.
+"""The flow of one message, on one screen: check -> parse -> classify -> authenticate ->
+decide -> thread -> store.
 
 `Pipeline.receive` runs the stages in order and returns an `IntakeResult`; the SMTP edge
-turns that into a reply. Threading and every ticket change happen inside the one
-transaction that stores the message (`_file`, run by the writer), so a message is filed
-exactly when it is stored. It must never report ACCEPTED for a message whose transaction
-is not committed, and never let an exception escape: a fault becomes TEMPFAIL (451).
+turns that into a reply. The decision, threading and every ticket change happen inside the
+one transaction that stores the message (`store_intake`, run by the writer), so a message
+is filed, held or refused exactly as it is stored. It must never report ACCEPTED for a
+message whose transaction is not committed, and never let an exception escape: a fault
+becomes TEMPFAIL (451).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+import re
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -20,12 +24,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
 
-from . import store
-from .address import match_mailbox, normalise_address
+from . import authn, store
+from .address import match_mailbox, parse_sender
 from .classify import Classification, DeliveryReport, Kind, OwnIdentity, classify
 from .config import Config
 from .inbound import InboundMessage, ParserPool, scan_header_block
 from .logs import event
+from .lookalike import skeleton
+from .policy import Disposition, PolicyFacts, Reason, Verdict, decide
 from .readable import sanitise_filename
 from .store import Filing, StoredAttachment, StoredMessage, StoreFull, TicketQueries, Writer
 from .tickets import Kind as MessageKind
@@ -50,19 +56,25 @@ _KIND_OF = {
     Kind.AUTO_REPLY: MessageKind.AUTO_REPLY,
     Kind.NOTICE: MessageKind.AUTO_REPLY,
     Kind.BOUNCE: MessageKind.BOUNCE,
+    Kind.LOOP: MessageKind.AUTO_REPLY,
 }
 
 # A client writing again to a ticket that waits on them, or was solved, reopens it.
 _REOPENS = {Status.PENDING, Status.SOLVED}
 
+# RFC 5322 group syntax in From ("Undisclosed recipients: ;") names no mailbox.
+_GROUP_SYNTAX = re.compile(r":[^<>\"]*;")
+
 
 class IntakeStatus(StrEnum):
     ACCEPTED = "accepted"
     TEMPFAIL = "tempfail"  # 451 4.3.0: the sender retries
+    AUTH_TEMPFAIL = "auth-tempfail"  # 451 4.7.0: authentication could not be checked now
     DISK_FULL = "disk-full"  # 452 4.3.1
     TOO_MANY_HOPS = "too-many-hops"  # 554 5.4.6: more Received: lines than allowed
     LOOP = "loop"  # 554 5.4.6: our own mail came back
     BAD_HEADER = "bad-header"  # 554 5.6.0: NUL or bare CR/LF in the header block
+    REFUSED = "refused"  # 550 5.7.1: the sender is not authorised (or blocked)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,88 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Intake:
+    """One message, prepared on the event loop for the store transaction."""
+
+    record: StoredMessage
+    thread: ThreadFacts
+    kind: MessageKind
+    report: DeliveryReport | None
+    unit: str
+    facts: PolicyFacts  # the sender-list facts are filled in inside the transaction
+    skeleton: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    row_id: int | None = None
+    filing: Filing | None = None
+    quarantine: int | None = None
+
+
+def sender_identity(parsed: InboundMessage) -> tuple[str | None, str | None]:
+    """(the normalised From address, or why there is none we can use).
+
+    Identity is the From header alone: never Reply-To or Sender, which anyone may set
+    without affecting what the recipient sees as the author.
+    """
+    if not parsed.from_header and not parsed.from_addresses:
+        return None, "missing"
+    if parsed.from_header and _GROUP_SYNTAX.search(parsed.from_header):
+        return None, "group"
+    if len(parsed.from_addresses) > 1:
+        return None, "several"
+    if not parsed.from_addresses:
+        return None, "unparseable"
+    sender = parse_sender(parsed.from_addresses[0][1])
+    return (sender, None) if sender else (None, "unparseable")
+
+
+def thread_facts(
+    config: Config,
+    secret: bytes,
+    tag: SubjectTag,
+    envelope: Envelope,
+    parsed: InboundMessage,
+    sender: str | None,
+) -> ThreadFacts:
+    token_ticket = None
+    for rcpt in envelope.rcpt_to:
+        recipient = match_mailbox(rcpt, config.mailboxes)
+        if recipient is not None:
+            token_ticket = verify_token(secret, recipient.tag)
+            if token_ticket is not None:
+                break
+    return ThreadFacts(
+        sender=sender,
+        token_ticket=token_ticket,
+        references=reference_order(parsed.in_reply_to, parsed.references),
+        tagged=tuple(tag.find(parsed.subject)),
+    )
+
+
+def unit_of(config: Config, envelope: Envelope) -> str:
+    """The desk unit of the first mailbox the message was sent to."""
+    for rcpt in envelope.rcpt_to:
+        recipient = match_mailbox(rcpt, config.mailboxes)
+        if recipient is not None:
+            return recipient.mailbox.unit
+    return config.mailboxes[0].unit
+
+
+def own_lookalike(config: Config, sender: str | None) -> str | None:
+    """A staff address or mailbox of ours that `sender` imitates, if any."""
+    if not sender:
+        return None
+    key = skeleton(sender)
+    for ours in (*config.staff.addresses, *(m.address for m in config.mailboxes)):
+        if ours != sender and skeleton(ours) == key:
+            return ours
+    return None
+
+
 class Pipeline:
     """Stages of the intake path, with their resources passed in (no globals)."""
 
@@ -98,11 +192,13 @@ class Pipeline:
         parser: ParserPool,
         writer: Writer,
         now: Callable[[], datetime] = utc_now,
+        dnsfunc: authn.DnsFunc | None = None,
     ) -> None:
         self.config = config
         self.parser = parser
         self.writer = writer
         self.now = now
+        self.dnsfunc = dnsfunc
         self.tag = SubjectTag(config.tickets.tag)
         self.own = OwnIdentity(
             hostname=config.smtp.hostname,
@@ -168,87 +264,62 @@ class Pipeline:
             own=self.own,
             text=parsed.text,
         )
-        if verdict.kind is Kind.LOOP:
-            event("message.refused", queue_id=queue_id, reason="loop", hits=verdict.reasons)
-            return IntakeResult(IntakeStatus.LOOP, queue_id, "loop")
 
-        # thread + store: one transaction, group-committed and synced before we answer.
-        record = await self._record(queue_id, envelope, raw, parsed, verdict)
-        facts = self._thread_facts(envelope, parsed, record.sender)
-        unit = self._unit(envelope)
-        filing_unit = partial(
-            _file,
-            record=record,
-            facts=facts,
-            kind=_KIND_OF[verdict.kind],
-            report=parsed.report,
-            unit=unit,
-        )
+        # authenticate: trusted Authentication-Results, and our own DKIM check if asked.
+        sender, from_problem = sender_identity(parsed)
+        auth = await self._authenticate(raw, parsed, sender)
+
+        intake = self._prepare(queue_id, envelope, raw, parsed, verdict, sender, from_problem, auth)
+        intake = await self._hash(intake, raw)
+
+        # decide + thread + store: one transaction, group-committed and synced.
         try:
-            row_id, filing = await self.writer.write(filing_unit)
+            outcome = await self.writer.write(partial(store_intake, intake=intake))
         except StoreFull:
             event("message.tempfail", logging.ERROR, queue_id=queue_id, reason="disk-full")
             return IntakeResult(IntakeStatus.DISK_FULL, queue_id, "disk-full")
         except store.StoreError as exc:
             event("message.tempfail", logging.ERROR, queue_id=queue_id, reason="store", error=exc)
             return IntakeResult(IntakeStatus.TEMPFAIL, queue_id, "store")
+        return self._result(queue_id, parsed, verdict, outcome)
 
-        event(
-            "message.stored",
-            queue_id=queue_id,
-            id=row_id,
-            message_id=parsed.message_id,
-            classification=verdict.kind,
-            reasons=",".join(verdict.reasons) or None,
-            ticket=filing.ticket,
-            kind=filing.kind,
-            via=filing.via,
-            duplicate_of=filing.duplicate_of,
-            malformed=parsed.malformed,
+    async def _authenticate(
+        self, raw: bytes, parsed: InboundMessage, sender: str | None
+    ) -> authn.AuthVerdict | None:
+        policy = self.config.policy
+        if sender is None:
+            return None
+        results, _ignored = authn.trusted_results(
+            parsed.headers, policy.trusted_authserv_ids, self.config.smtp.hostname
         )
-        return IntakeResult(IntakeStatus.ACCEPTED, queue_id, ticket=filing.ticket)
-
-    def _thread_facts(
-        self, envelope: Envelope, parsed: InboundMessage, sender: str | None
-    ) -> ThreadFacts:
-        token_ticket = None
-        for rcpt in envelope.rcpt_to:
-            recipient = match_mailbox(rcpt, self.config.mailboxes)
-            if recipient is not None:
-                token_ticket = verify_token(self.token_secret, recipient.tag)
-                if token_ticket is not None:
-                    break
-        return ThreadFacts(
-            sender=sender,
-            token_ticket=token_ticket,
-            references=reference_order(parsed.in_reply_to, parsed.references),
-            tagged=tuple(self.tag.find(parsed.subject)),
+        own_dkim = None
+        if policy.verify_dkim:
+            own_dkim = await asyncio.to_thread(
+                authn.verify_dkim,
+                raw,
+                dnsfunc=self.dnsfunc,
+                min_key_bits=policy.dkim_min_key_bits,
+                timeout=policy.dns_timeout,
+            )
+        return authn.judge(
+            sender.rpartition("@")[2],
+            results,
+            require_authentication=policy.require_authentication,
+            own_dkim=own_dkim,
         )
 
-    def _unit(self, envelope: Envelope) -> str:
-        """The desk unit of the first mailbox the message was sent to."""
-        for rcpt in envelope.rcpt_to:
-            recipient = match_mailbox(rcpt, self.config.mailboxes)
-            if recipient is not None:
-                return recipient.mailbox.unit
-        return self.config.mailboxes[0].unit
-
-    async def _record(
+    def _prepare(
         self,
         queue_id: str,
         envelope: Envelope,
         raw: bytes,
         parsed: InboundMessage,
         verdict: Classification,
-    ) -> StoredMessage:
-        if len(raw) >= _HASH_IN_THREAD:
-            digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
-        else:
-            digest = hashlib.sha256(raw).hexdigest()
-        sender = None
-        if parsed.from_addresses:
-            sender = normalise_address(parsed.from_addresses[0][1])
-        return StoredMessage(
+        sender: str | None,
+        from_problem: str | None,
+        auth: authn.AuthVerdict | None,
+    ) -> Intake:
+        record = StoredMessage(
             queue_id=queue_id,
             received_at=self.now().isoformat(timespec="microseconds"),
             mail_from=envelope.mail_from,
@@ -256,7 +327,7 @@ class Pipeline:
             peer=envelope.peer,
             helo=envelope.helo,
             raw=raw,
-            sha256=digest,
+            sha256="",  # filled in by _hash
             message_id=parsed.message_id,
             from_header=parsed.from_header,
             subject=parsed.subject,
@@ -277,34 +348,168 @@ class Pipeline:
                 for a in parsed.attachments
             ),
         )
+        facts = PolicyFacts(
+            sender=sender,
+            from_problem=from_problem,
+            malformed=parsed.malformed,
+            classification=verdict.kind,
+            loop_reason=None,
+            blocked=False,
+            authorised=False,
+            staff=self.config.is_staff(sender),
+            forged=auth.reason if auth is not None and auth.forged else None,
+            auth_temperror=auth.temperror if auth is not None else False,
+            lookalike_of=own_lookalike(self.config, sender),
+            known_ticket=False,
+            released=False,
+            unknown_sender=self.config.policy.unknown_sender,
+        )
+        return Intake(
+            record=record,
+            thread=thread_facts(self.config, self.token_secret, self.tag, envelope, parsed, sender),
+            kind=_KIND_OF[verdict.kind],
+            report=parsed.report,
+            unit=unit_of(self.config, envelope),
+            facts=facts,
+            skeleton=skeleton(sender) if sender else None,
+        )
+
+    async def _hash(self, intake: Intake, raw: bytes) -> Intake:
+        if len(raw) >= _HASH_IN_THREAD:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+        else:
+            digest = hashlib.sha256(raw).hexdigest()
+        return dataclasses.replace(intake, record=dataclasses.replace(intake.record, sha256=digest))
+
+    def _result(
+        self, queue_id: str, parsed: InboundMessage, verdict: Classification, outcome: Outcome
+    ) -> IntakeResult:
+        decision = outcome.verdict
+        fields: dict[str, object] = {
+            "queue_id": queue_id,
+            "message_id": parsed.message_id,
+            "classification": verdict.kind,
+            "disposition": decision.disposition,
+            "reason": decision.reason,
+            "hits": ",".join(decision.reasons),
+        }
+        if decision.disposition is Disposition.REJECT:
+            event("message.refused", **fields)
+            status = IntakeStatus.LOOP if decision.reason == "loop" else IntakeStatus.REFUSED
+            return IntakeResult(status, queue_id, decision.reason)
+        if decision.disposition is Disposition.TEMPFAIL:
+            event("message.tempfail", logging.WARNING, **fields)
+            return IntakeResult(IntakeStatus.AUTH_TEMPFAIL, queue_id, decision.reason)
+        if decision.disposition is Disposition.QUARANTINE:
+            event("message.quarantined", id=outcome.row_id, quarantine=outcome.quarantine, **fields)
+            return IntakeResult(IntakeStatus.ACCEPTED, queue_id, decision.reason)
+        filing = outcome.filing
+        assert filing is not None
+        event(
+            "message.stored",
+            id=outcome.row_id,
+            ticket=filing.ticket,
+            kind=filing.kind,
+            via=filing.via,
+            duplicate_of=filing.duplicate_of,
+            malformed=parsed.malformed,
+            **fields,
+        )
+        return IntakeResult(IntakeStatus.ACCEPTED, queue_id, ticket=filing.ticket)
 
 
-def _file(
-    conn: sqlite3.Connection,
-    *,
-    record: StoredMessage,
-    facts: ThreadFacts,
-    kind: MessageKind,
-    report: DeliveryReport | None,
-    unit: str,
-) -> tuple[int, Filing]:
-    """On the writer thread, inside the message's transaction: thread, store, audit."""
+# --- inside the store transaction (the writer thread) ----------------------------------
+
+
+def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
+    """Decide with the sender list as it is now, then refuse, hold or file the message."""
+    record = intake.record
     now = record.received_at
-    actor = record.sender or record.mail_from or "<>"
 
     # The same message delivered twice (a crash before our 250, the sender retried) is
-    # stored again, as received, but filed once.
+    # stored again, as received, but filed once, wherever the first copy went.
     if record.message_id:
         original = store.find_duplicate(conn, record.message_id, record.sha256)
         if original is not None:
-            filing = Filing(None, kind, Via.DUPLICATE, duplicate_of=original)
-            return store.insert_message(conn, record, filing), filing
+            filing = Filing(None, intake.kind, Via.DUPLICATE, duplicate_of=original)
+            verdict = Verdict(Disposition.FILE, Reason.DUPLICATE, ())
+            return Outcome(verdict, store.insert_message(conn, record, filing), filing)
 
+    facts = _with_sender_list(conn, intake)
+    verdict = decide(facts)
+    if verdict.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
+        return Outcome(verdict)  # nothing stored, nothing sent: no backscatter
+    record = dataclasses.replace(record, reasons=(*record.reasons, *verdict.reasons))
+    if verdict.disposition is Disposition.QUARANTINE:
+        row_id = store.insert_message(conn, record, None)
+        quarantine_id = store.hold_message(conn, row_id, verdict.reasons, now)
+        store.record_event(
+            conn,
+            time=now,
+            actor=facts.sender or record.mail_from or "<>",
+            action="quarantine.held",
+            subject=f"quarantine:{quarantine_id}",
+            detail={"message": row_id, "reasons": list(verdict.reasons)},
+        )
+        return Outcome(verdict, row_id, quarantine=quarantine_id)
+    organisation = _organisation(conn, facts.sender) if facts.authorised else None
+    row_id, filing = file_message(conn, intake, record, organisation=organisation)
+    return Outcome(verdict, row_id, filing)
+
+
+def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
+    facts = intake.facts
+    updates: dict[str, object] = {}
+    if facts.sender:
+        found = store.sender_record(conn, facts.sender)
+        if found is not None:
+            updates["blocked"] = found.blocked
+            updates["authorised"] = found.authorised
+        if facts.lookalike_of is None and intake.skeleton and not (found and found.authorised):
+            updates["lookalike_of"] = store.find_lookalike(conn, facts.sender, intake.skeleton)
+    if intake.kind is not MessageKind.CLIENT:
+        ticket, _via, _to = _event_ticket(conn, TicketQueries(conn), intake)
+        updates["known_ticket"] = ticket is not None
+    return dataclasses.replace(facts, **updates)  # type: ignore[arg-type]
+
+
+def _organisation(conn: sqlite3.Connection, sender: str | None) -> int | None:
+    found = store.sender_record(conn, sender) if sender else None
+    return found.organisation if found is not None and found.authorised else None
+
+
+def file_message(
+    conn: sqlite3.Connection,
+    intake: Intake,
+    record: StoredMessage,
+    *,
+    organisation: int | None = None,
+    row: int | None = None,
+    now: str | None = None,
+) -> tuple[int, Filing]:
+    """Thread a message into its ticket (or a new one) and store or update its row.
+
+    `row` is the id of a message stored earlier (released from the quarantine, at `now`);
+    without it the message is inserted now, at its time of receipt.
+    """
+    now = now or record.received_at
+    actor = record.sender or record.mail_from or "<>"
     queries = TicketQueries(conn)
-    if kind is not MessageKind.CLIENT:
-        return _file_event(conn, queries, record, facts, kind, report, actor)
 
-    decision = thread_message(facts, queries)
+    def save(filing: Filing) -> int:
+        if row is None:
+            return store.insert_message(conn, record, filing)
+        store.set_filing(conn, row, filing)
+        return row
+
+    if intake.kind is not MessageKind.CLIENT:
+        ticket, via, bounced_to = _event_ticket(conn, queries, intake)
+        filing = Filing(ticket, intake.kind, via)
+        row_id = save(filing)
+        _mark_bounced(conn, intake, row_id, ticket, bounced_to, actor, now)
+        return row_id, filing
+
+    decision = thread_message(intake.thread, queries)
     if decision.ticket is not None:
         number = decision.ticket.number
         reopen = decision.ticket.status in _REOPENS
@@ -321,19 +526,21 @@ def _file(
                 ticket=number,
                 detail={"from": decision.ticket.status.value, "to": Status.OPEN.value},
             )
-        filing = Filing(number, kind, decision.via)
-        return store.insert_message(conn, record, filing), filing
+        filing = Filing(number, intake.kind, decision.via)
+        return save(filing), filing
 
     number = store.create_ticket(
         conn,
-        unit=unit,
+        unit=intake.unit,
         requester=record.sender or record.mail_from or "",
         subject=(record.subject or "").strip() or "(no subject)",
         now=now,
         follows=decision.follows,
     )
-    filing = Filing(number, kind, decision.via)
-    row_id = store.insert_message(conn, record, filing)
+    if organisation is not None:
+        store.set_ticket_organisation(conn, number, organisation)
+    filing = Filing(number, intake.kind, decision.via)
+    row_id = save(filing)
     store.record_event(
         conn,
         time=now,
@@ -341,65 +548,65 @@ def _file(
         action="ticket.created",
         subject=f"ticket:{number}",
         ticket=number,
-        detail={"message": row_id, "unit": unit, "follows": decision.follows},
+        detail={"message": row_id, "unit": intake.unit, "follows": decision.follows},
     )
     return row_id, filing
 
 
-def _file_event(
-    conn: sqlite3.Connection,
-    queries: TicketQueries,
-    record: StoredMessage,
-    facts: ThreadFacts,
-    kind: MessageKind,
-    report: DeliveryReport | None,
-    actor: str,
-) -> tuple[int, Filing]:
-    """Auto-replies and bounces join a ticket they clearly belong to, or none: they never
-    open, reopen or touch the status of one."""
-    ticket = None
-    via = Via.NONE
-    bounced_to: list[str] = []
+def _event_ticket(
+    conn: sqlite3.Connection, queries: TicketQueries, intake: Intake
+) -> tuple[int | None, Via, list[str]]:
+    """The ticket an auto-reply or bounce belongs to, if it clearly belongs to one:
+    (ticket, how found, the recipients of our mail it bounced)."""
+    report = intake.report
     if report is not None and report.original_message_id:
         ours = store.outgoing_message(conn, report.original_message_id)
         if ours is not None:
-            ticket, bounced_to = ours
-            via = Via.REFERENCES
-        else:
-            found = queries.ticket_for_message_ids([report.original_message_id])
-            if found is not None:
-                ticket, via = found.number, Via.REFERENCES
-    if ticket is None:
-        decision = thread_message(facts, queries)
-        if decision.ticket is not None:
-            ticket, via = decision.ticket.number, decision.via
-        elif decision.follows is not None:
-            ticket, via = decision.follows, Via.REFERENCES
-    filing = Filing(ticket, kind, via)
-    row_id = store.insert_message(conn, record, filing)
-    if kind is not MessageKind.BOUNCE or report is None:
-        return row_id, filing
+            return ours[0], Via.REFERENCES, ours[1]
+        found = queries.ticket_for_message_ids([report.original_message_id])
+        if found is not None:
+            return found.number, Via.REFERENCES, []
+    decision = thread_message(intake.thread, queries)
+    if decision.ticket is not None:
+        return decision.ticket.number, decision.via, []
+    if decision.follows is not None:
+        return decision.follows, Via.REFERENCES, []
+    return None, Via.NONE, []
+
+
+def _mark_bounced(
+    conn: sqlite3.Connection,
+    intake: Intake,
+    row_id: int,
+    ticket: int | None,
+    bounced_to: list[str],
+    actor: str,
+    now: str,
+) -> None:
+    report = intake.report
+    if intake.kind is not MessageKind.BOUNCE or report is None:
+        return
     # Only a bounce of mail we really sent marks an address undeliverable, and only for
     # that mail's recipients: a forged report must not silence anyone else.
     for address in report.failed_recipients:
-        if address.lower() not in bounced_to:
+        address = address.lower()
+        if address not in bounced_to:
             continue
         store.mark_undeliverable(
             conn,
-            address=address.lower(),
+            address=address,
             ticket=ticket,
             message=row_id,
             status=next(iter(report.status_codes), None),
             reason=report.reason,
-            now=record.received_at,
+            now=now,
         )
         store.record_event(
             conn,
-            time=record.received_at,
+            time=now,
             actor=actor,
             action="recipient.undeliverable",
-            subject=f"address:{address.lower()}",
+            subject=f"address:{address}",
             ticket=ticket,
             detail={"message": row_id, "status": list(report.status_codes)},
         )
-    return row_id, filing

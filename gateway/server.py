@@ -42,6 +42,7 @@ REPLY_421_TOO_MANY_MESSAGES = "421 4.7.0 Too many messages in one connection, re
 REPLY_421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_421_OUT_OF_SYNC = "421 4.5.0 SMTP protocol synchronization error, closing connection"
 REPLY_451_TEMPFAIL = "451 4.3.0 Temporary failure, please try again later (ref {ref})"
+REPLY_451_AUTH_TEMPFAIL = "451 4.7.0 Temporary authentication failure, please try again later"
 REPLY_451_BUSY = "451 4.3.2 Too busy, please try again later"
 REPLY_452_DISK_FULL = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -49,6 +50,10 @@ REPLY_500_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
 REPLY_500_COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 REPLY_550_NO_SUCH_MAILBOX = "550 5.1.1 No such mailbox here"
 REPLY_550_RELAY_DENIED = "550 5.7.1 Relaying denied"
+REPLY_550_NOT_AUTHORISED = (
+    "550 5.7.1 Sorry, this address only accepts requests from senders authorised by our "
+    "clients. Please ask {contact} to authorise you."
+)
 REPLY_552_TOO_BIG = "552 5.3.4 Message too big for this system"
 REPLY_553_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
 REPLY_554_TOO_MANY_HOPS = "554 5.4.6 Too many hops, possible mail loop"
@@ -68,6 +73,7 @@ _RESULT_REPLIES = {
     IntakeStatus.DISK_FULL: REPLY_452_DISK_FULL,
     IntakeStatus.TOO_MANY_HOPS: REPLY_554_TOO_MANY_HOPS,
     IntakeStatus.LOOP: REPLY_554_LOOP,
+    IntakeStatus.AUTH_TEMPFAIL: REPLY_451_AUTH_TEMPFAIL,
     IntakeStatus.BAD_HEADER: REPLY_554_BAD_HEADER,
 }
 
@@ -76,9 +82,13 @@ _RESULT_REPLIES = {
 _MAIL_COMMAND_LIMIT = 512 + 26 + 10
 
 
-def reply_for(result: IntakeResult) -> str:
+def reply_for(result: IntakeResult, contact: str = "") -> str:
     if result.status is IntakeStatus.ACCEPTED:
         return REPLY_250_QUEUED.format(queue_id=result.queue_id)
+    if result.status is IntakeStatus.REFUSED:
+        return REPLY_550_NOT_AUTHORISED.format(
+            contact=contact or "your organisation's account manager"
+        )
     return _RESULT_REPLIES[result.status].format(ref=result.queue_id)
 
 
@@ -325,7 +335,7 @@ class Handler:
             ref = uuid.uuid4().hex[:12]
             event("message.timeout", logging.ERROR, ref=ref, peer=intake.peer)
             result = IntakeResult(IntakeStatus.TEMPFAIL, ref, "timeout")
-        reply = reply_for(result)
+        reply = reply_for(result, self.config.policy.contact)
         if isinstance(server, GatewayLMTP):
             # RFC 2033 section 4.2: one reply per accepted recipient, in order.
             return "\r\n".join([reply] * len(envelope.rcpt_tos))

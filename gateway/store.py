@@ -132,6 +132,45 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_ticket ON events (ticket, id);
     """,
+    # 3: organisations, authorised senders, the quarantine.
+    """
+    CREATE TABLE organisations (
+        id               INTEGER PRIMARY KEY,
+        name             TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        unit             TEXT,                 -- NULL: the unit of the mailbox written to
+        account_manager  TEXT,
+        created_at       TEXT NOT NULL
+    );
+    -- An organisation's mail domains identify it; they authorise nobody by themselves.
+    CREATE TABLE org_domains (
+        domain        TEXT PRIMARY KEY,         -- lower-case A-label
+        organisation  INTEGER NOT NULL REFERENCES organisations (id) ON DELETE CASCADE
+    );
+    -- One row per authorised address, or per whole domain ("@example.com") an admin
+    -- authorised explicitly, or per blocked address (organisation may then be NULL).
+    CREATE TABLE senders (
+        address       TEXT PRIMARY KEY,         -- normalised; "@domain" for a domain
+        organisation  INTEGER REFERENCES organisations (id) ON DELETE CASCADE,
+        name          TEXT,
+        blocked       INTEGER NOT NULL DEFAULT 0,
+        skeleton      TEXT NOT NULL,            -- look-alike key (confusables folded)
+        created_at    TEXT NOT NULL
+    );
+    CREATE INDEX senders_by_organisation ON senders (organisation);
+    CREATE INDEX senders_by_skeleton ON senders (skeleton);
+    ALTER TABLE tickets ADD COLUMN organisation INTEGER REFERENCES organisations (id);
+    CREATE TABLE quarantine (
+        id          INTEGER PRIMARY KEY,
+        message     INTEGER NOT NULL UNIQUE REFERENCES messages (id),
+        reasons     TEXT NOT NULL,              -- JSON list of kebab-case reasons
+        status      TEXT NOT NULL DEFAULT 'held',  -- held, released, discarded, expired
+        held_at     TEXT NOT NULL,
+        decided_at  TEXT,
+        decided_by  TEXT
+    );
+    CREATE INDEX quarantine_by_status ON quarantine (status, held_at);
+    CREATE INDEX messages_by_sender ON messages (sender, received_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -496,8 +535,19 @@ class TicketQueries:
         return None
 
     def may_write(self, number: int, address: str) -> bool:
+        """A participant of the ticket, or an authorised sender of its organisation."""
         row = self.conn.execute(
             "SELECT 1 FROM participants WHERE ticket = ? AND address = ?", (number, address)
+        ).fetchone()
+        if row is not None:
+            return True
+        domain = address.rpartition("@")[2]
+        row = self.conn.execute(
+            """
+            SELECT 1 FROM tickets t JOIN senders s ON s.organisation = t.organisation
+            WHERE t.number = ? AND s.address IN (?, ?) AND s.blocked = 0
+            """,
+            (number, address, f"@{domain}"),
         ).fetchone()
         return row is not None
 
@@ -601,6 +651,177 @@ def record_event(
     )
 
 
+# --- the sender policy and the quarantine (intake path) ---------------------------------
+
+
+@dataclass(frozen=True)
+class SenderRecord:
+    """What the sender list says of one address (its own row, or its domain's grant)."""
+
+    address: str  # the row that matched: the address, or "@domain"
+    organisation: int | None
+    organisation_name: str | None
+    blocked: bool
+
+    @property
+    def authorised(self) -> bool:
+        return self.organisation is not None and not self.blocked
+
+
+def sender_record(conn: sqlite3.Connection, address: str) -> SenderRecord | None:
+    """The sender list's word on `address`: its own row first, else its domain's grant."""
+    domain = address.rpartition("@")[2]
+    rows = conn.execute(
+        """
+        SELECT s.address, s.organisation, o.name, s.blocked
+        FROM senders s LEFT JOIN organisations o ON o.id = s.organisation
+        WHERE s.address IN (?, ?)
+        """,
+        (address, f"@{domain}"),
+    ).fetchall()
+    if not rows:
+        return None
+    # A block on the address itself always wins; otherwise the address's own row.
+    rows.sort(key=lambda r: (not r["blocked"], r["address"] != address))
+    row = rows[0]
+    return SenderRecord(row["address"], row["organisation"], row[2], bool(row["blocked"]))
+
+
+def find_lookalike(conn: sqlite3.Connection, address: str, skeleton: str) -> str | None:
+    """An authorised address that renders like `address` but is not it, if any."""
+    row = conn.execute(
+        """
+        SELECT address FROM senders
+        WHERE skeleton = ? AND address != ? AND blocked = 0 AND organisation IS NOT NULL
+        LIMIT 1
+        """,
+        (skeleton, address),
+    ).fetchone()
+    return None if row is None else str(row["address"])
+
+
+def set_ticket_organisation(conn: sqlite3.Connection, number: int, organisation: int) -> None:
+    conn.execute(
+        "UPDATE tickets SET organisation = ? WHERE number = ? AND organisation IS NULL",
+        (organisation, number),
+    )
+
+
+def set_filing(conn: sqlite3.Connection, message: int, filing: Filing) -> None:
+    """File a message stored earlier (a release from the quarantine)."""
+    conn.execute(
+        """
+        UPDATE messages SET ticket = ?, kind = ?, threaded_via = ?, duplicate_of = ?
+        WHERE id = ?
+        """,
+        (filing.ticket, filing.kind, filing.via, filing.duplicate_of, message),
+    )
+
+
+def hold_message(conn: sqlite3.Connection, message: int, reasons: Sequence[str], now: str) -> int:
+    cursor = conn.execute(
+        "INSERT INTO quarantine (message, reasons, held_at) VALUES (?, ?, ?)",
+        (message, json.dumps(list(reasons)), now),
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def held_message(conn: sqlite3.Connection, quarantine_id: int) -> dict[str, Any] | None:
+    """A quarantine entry with its message's stored columns (and raw bytes)."""
+    row = conn.execute(
+        """
+        SELECT q.id AS quarantine_id, q.reasons AS held_reasons, q.status, q.held_at,
+               m.*, r.raw
+        FROM quarantine q JOIN messages m ON m.id = q.message
+        JOIN message_raw r ON r.message = m.id
+        WHERE q.id = ?
+        """,
+        (quarantine_id,),
+    ).fetchone()
+    return None if row is None else dict(row)
+
+
+def stored_message_from_row(row: dict[str, Any]) -> StoredMessage:
+    """Rebuild the StoredMessage of a stored row (for filing it later)."""
+    return StoredMessage(
+        queue_id=row["queue_id"],
+        received_at=row["received_at"],
+        mail_from=row["mail_from"],
+        rcpt_to=tuple(json.loads(row["rcpt_to"])),
+        peer=row["peer"],
+        helo=row["helo"],
+        raw=bytes(row["raw"]),
+        sha256=row["sha256"],
+        message_id=row["message_id"],
+        from_header=row["from_header"],
+        subject=row["subject"],
+        date_header=row["date_header"],
+        malformed=row["malformed"],
+        defects=tuple(json.loads(row["defects"])),
+        direction=row["direction"],
+        sender=row["sender"],
+        classification=row["classification"],
+        reasons=tuple(json.loads(row["reasons"])),
+        text=row["text"],
+    )
+
+
+def decide_held(
+    conn: sqlite3.Connection, quarantine_id: int, *, status: str, actor: str, now: str
+) -> None:
+    conn.execute(
+        """
+        UPDATE quarantine SET status = ?, decided_at = ?, decided_by = ?
+        WHERE id = ? AND status = 'held'
+        """,
+        (status, now, actor, quarantine_id),
+    )
+
+
+def expire_held(conn: sqlite3.Connection, *, before: str, now: str) -> list[int]:
+    """Mark held entries older than `before` expired; returns their ids."""
+    ids = [
+        int(r["id"])
+        for r in conn.execute(
+            "SELECT id FROM quarantine WHERE status = 'held' AND held_at < ? ORDER BY id",
+            (before,),
+        )
+    ]
+    for quarantine_id in ids:
+        decide_held(conn, quarantine_id, status="expired", actor="gateway", now=now)
+    return ids
+
+
+def list_quarantine(conn: sqlite3.Connection, status: str | None = "held") -> list[dict[str, Any]]:
+    """Quarantine entries, newest first, as the `quarantine list --json` objects."""
+    where = "WHERE q.status = ?" if status else ""
+    params = (status,) if status else ()
+    return [
+        {
+            "id": row["id"],
+            "message_id": row["message_id"],
+            "sender": row["sender"] or row["from_header"] or row["mail_from"],
+            "mail_from": row["mail_from"],
+            "recipients": json.loads(row["rcpt_to"]),
+            "subject": row["subject"],
+            "reasons": json.loads(row["reasons"]),
+            "received_at": row["received_at"],
+            "status": row["status"],
+            "message": row["message"],
+        }
+        for row in conn.execute(
+            f"""
+            SELECT q.id, q.reasons, q.status, q.message, m.message_id, m.sender,
+                   m.from_header, m.mail_from, m.rcpt_to, m.subject, m.received_at
+            FROM quarantine q JOIN messages m ON m.id = q.message
+            {where} ORDER BY q.id DESC
+            """,
+            params,
+        )
+    ]
+
+
 # --- reading for the CLI --------------------------------------------------------------
 
 
@@ -609,7 +830,9 @@ def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[di
     sql = """
         SELECT id, queue_id, message_id, mail_from, rcpt_to, from_header, subject, size,
                received_at, malformed, peer, helo, sha256, ticket, kind, classification,
-               reasons, direction, duplicate_of
+               reasons, direction, duplicate_of,
+               (SELECT q.id FROM quarantine q WHERE q.message = messages.id
+                AND q.status = 'held') AS quarantine
         FROM messages ORDER BY received_at DESC, id DESC
     """
     params: tuple[Any, ...] = ()
@@ -634,6 +857,7 @@ def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[di
             "reasons": json.loads(row["reasons"]),
             "direction": row["direction"],
             "duplicate_of": row["duplicate_of"],
+            "quarantine": row["quarantine"],
             "peer": row["peer"],
             "helo": row["helo"],
             "sha256": row["sha256"],
@@ -735,3 +959,271 @@ def show_ticket(conn: sqlite3.Connection, number: int) -> dict[str, Any] | None:
         )
     ticket["messages"] = messages
     return ticket
+
+
+# --- organisations, senders and the audit trail (admin) ---
+#
+# The admin CLI's reads and writes. Its commands wrap their changes in `write_transaction`
+# so that a change and its audit event commit together, and wait for (rather than fight)
+# the daemon's writer. The intake path's own sender lookup is `sender_record`, not these.
+
+
+@dataclass(frozen=True)
+class Organisation:
+    id: int
+    name: str
+    domains: tuple[str, ...]  # lower-case A-labels, sorted
+    unit: str | None
+    account_manager: str | None
+    senders: int  # authorised (not blocked) sender rows, domain grants included
+    created_at: str
+
+
+@dataclass(frozen=True)
+class SenderEntry:
+    address: str  # normalised; "@domain" for a whole-domain grant
+    organisation: str | None  # the organisation's name
+    name: str | None
+    blocked: bool
+    created_at: str
+
+    @property
+    def is_domain(self) -> bool:
+        return self.address.startswith("@")
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises.
+
+    IMMEDIATE takes the write lock up front (waiting up to busy_timeout for the daemon's
+    writer), so that reads made inside the block still hold when their changes commit.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+_ORGANISATION_SELECT = """
+    SELECT o.id, o.name, o.unit, o.account_manager, o.created_at,
+           (SELECT group_concat(d.domain, ' ') FROM
+               (SELECT domain FROM org_domains WHERE organisation = o.id ORDER BY domain) d
+           ) AS domains,
+           (SELECT COUNT(*) FROM senders s WHERE s.organisation = o.id AND NOT s.blocked)
+               AS sender_count
+    FROM organisations o
+"""
+
+
+def _organisation(row: sqlite3.Row) -> Organisation:
+    return Organisation(
+        id=row["id"],
+        name=row["name"],
+        domains=tuple((row["domains"] or "").split()),
+        unit=row["unit"],
+        account_manager=row["account_manager"],
+        senders=row["sender_count"],
+        created_at=row["created_at"],
+    )
+
+
+def add_organisation(
+    conn: sqlite3.Connection,
+    *,
+    name: str,
+    domains: Sequence[str],
+    unit: str | None,
+    account_manager: str | None,
+    now: str,
+) -> int:
+    """A new organisation; the caller has checked that its name and domains are free."""
+    cursor = conn.execute(
+        "INSERT INTO organisations (name, unit, account_manager, created_at) VALUES (?,?,?,?)",
+        (name, unit, account_manager, now),
+    )
+    org_id = cursor.lastrowid
+    assert org_id is not None
+    for domain in domains:
+        add_org_domain(conn, org_id, domain)
+    return org_id
+
+
+def find_organisation(conn: sqlite3.Connection, name: str) -> Organisation | None:
+    """The organisation with this name, compared case-insensitively."""
+    row = conn.execute(f"{_ORGANISATION_SELECT} WHERE o.name = ?", (name,)).fetchone()
+    return None if row is None else _organisation(row)
+
+
+def list_organisations(conn: sqlite3.Connection) -> list[Organisation]:
+    sql = f"{_ORGANISATION_SELECT} ORDER BY o.name"
+    return [_organisation(row) for row in conn.execute(sql)]
+
+
+def organisation_for_domain(conn: sqlite3.Connection, domain: str) -> Organisation | None:
+    """The organisation owning this mail domain (lower-case A-label), if any."""
+    row = conn.execute(
+        f"{_ORGANISATION_SELECT} WHERE o.id = "
+        "(SELECT organisation FROM org_domains WHERE domain = ?)",
+        (domain,),
+    ).fetchone()
+    return None if row is None else _organisation(row)
+
+
+def update_organisation(
+    conn: sqlite3.Connection, org_id: int, *, unit: str | None, account_manager: str | None
+) -> None:
+    conn.execute(
+        "UPDATE organisations SET unit = ?, account_manager = ? WHERE id = ?",
+        (unit, account_manager, org_id),
+    )
+
+
+def add_org_domain(conn: sqlite3.Connection, org_id: int, domain: str) -> None:
+    conn.execute("INSERT INTO org_domains (domain, organisation) VALUES (?, ?)", (domain, org_id))
+
+
+def remove_org_domain(conn: sqlite3.Connection, org_id: int, domain: str) -> bool:
+    cursor = conn.execute(
+        "DELETE FROM org_domains WHERE domain = ? AND organisation = ?", (domain, org_id)
+    )
+    return cursor.rowcount > 0
+
+
+def count_organisation_tickets(conn: sqlite3.Connection, org_id: int) -> int:
+    row = conn.execute("SELECT COUNT(*) FROM tickets WHERE organisation = ?", (org_id,)).fetchone()
+    return int(row[0])
+
+
+def remove_organisation(conn: sqlite3.Connection, org_id: int) -> list[str]:
+    """Delete an organisation, its domains and its authorised senders (returned).
+
+    Blocked addresses stay blocked: they lose the organisation, not the block. The caller
+    has checked that no ticket refers to the organisation.
+    """
+    conn.execute(
+        "UPDATE senders SET organisation = NULL WHERE organisation = ? AND blocked", (org_id,)
+    )
+    removed = [
+        str(row["address"])
+        for row in conn.execute(
+            "SELECT address FROM senders WHERE organisation = ? ORDER BY address", (org_id,)
+        )
+    ]
+    conn.execute("DELETE FROM senders WHERE organisation = ?", (org_id,))
+    conn.execute("DELETE FROM org_domains WHERE organisation = ?", (org_id,))
+    conn.execute("DELETE FROM organisations WHERE id = ?", (org_id,))
+    return removed
+
+
+_SENDER_SELECT = """
+    SELECT s.address, o.name AS organisation, s.name, s.blocked, s.created_at
+    FROM senders s LEFT JOIN organisations o ON o.id = s.organisation
+"""
+
+
+def _sender(row: sqlite3.Row) -> SenderEntry:
+    return SenderEntry(
+        address=row["address"],
+        organisation=row["organisation"],
+        name=row["name"],
+        blocked=bool(row["blocked"]),
+        created_at=row["created_at"],
+    )
+
+
+def find_sender(conn: sqlite3.Connection, address: str) -> SenderEntry | None:
+    """The senders row for a normalised address (or "@domain"), exactly as stored."""
+    row = conn.execute(f"{_SENDER_SELECT} WHERE s.address = ?", (address,)).fetchone()
+    return None if row is None else _sender(row)
+
+
+def upsert_sender(
+    conn: sqlite3.Connection,
+    *,
+    address: str,
+    organisation: int,
+    name: str | None,
+    now: str,
+) -> None:
+    """Authorise an address (or "@domain") for an organisation; an existing row is updated.
+
+    The caller has checked that the address is not blocked: this never lifts a block.
+    """
+    from .lookalike import skeleton  # a pure function; imported here to keep this section whole
+
+    conn.execute(
+        """
+        INSERT INTO senders (address, organisation, name, blocked, skeleton, created_at)
+        VALUES (?, ?, ?, 0, ?, ?)
+        ON CONFLICT (address) DO UPDATE SET organisation = excluded.organisation,
+            name = excluded.name
+        """,
+        (address, organisation, name, skeleton(address), now),
+    )
+
+
+def block_sender(conn: sqlite3.Connection, address: str, *, now: str) -> None:
+    """Block an address; an existing row keeps its organisation and name."""
+    from .lookalike import skeleton
+
+    conn.execute(
+        """
+        INSERT INTO senders (address, organisation, name, blocked, skeleton, created_at)
+        VALUES (?, NULL, NULL, 1, ?, ?)
+        ON CONFLICT (address) DO UPDATE SET blocked = 1
+        """,
+        (address, skeleton(address), now),
+    )
+
+
+def remove_sender(conn: sqlite3.Connection, address: str) -> bool:
+    """Delete the row of an address (or "@domain"): no longer authorised, nor blocked."""
+    cursor = conn.execute("DELETE FROM senders WHERE address = ?", (address,))
+    return cursor.rowcount > 0
+
+
+def list_senders(
+    conn: sqlite3.Connection, *, organisation: int | None = None, include_blocked: bool = True
+) -> list[SenderEntry]:
+    """Sender rows by organisation name (unattached blocked addresses last), then address."""
+    clauses, params = [], []
+    if organisation is not None:
+        clauses.append("s.organisation = ?")
+        params.append(organisation)
+    if not include_blocked:
+        clauses.append("NOT s.blocked")
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"{_SENDER_SELECT} {where} ORDER BY o.name IS NULL, o.name, s.address"
+    return [_sender(row) for row in conn.execute(sql, params)]
+
+
+def list_events(
+    conn: sqlite3.Connection, *, ticket: int | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Audit events, newest first, as the `events --json` objects."""
+    sql = "SELECT id, time, actor, action, subject, ticket, detail FROM events"
+    params: list[Any] = []
+    if ticket is not None:
+        sql += " WHERE ticket = ?"
+        params.append(ticket)
+    sql += " ORDER BY id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [
+        {
+            "id": row["id"],
+            "time": row["time"],
+            "actor": row["actor"],
+            "action": row["action"],
+            "subject": row["subject"],
+            "ticket": row["ticket"],
+            "detail": json.loads(row["detail"]),
+        }
+        for row in conn.execute(sql, params)
+    ]

@@ -95,13 +95,36 @@ def config(make_config: Callable[..., Config]) -> Config:
     return make_config()
 
 
+# Organisations every test database starts with unless a test asks for an empty sender
+# list: most tests are about something other than who may write.
+CLIENT_DOMAINS = {"Client Ltd": "client.example.com", "Other Co": "other.example.net"}
+
+
+def seed_senders(config: Config) -> None:
+    """Authorise every address at the client domains (an explicit domain grant each)."""
+    now = "2026-11-27T00:00:00.000000+00:00"
+    with closing(store.connect(config.database_path)) as conn, store.write_transaction(conn):
+        for name, domain in CLIENT_DOMAINS.items():
+            if store.find_organisation(conn, name) is not None:
+                continue
+            org = store.add_organisation(
+                conn, name=name, domains=[domain], unit=None, account_manager=None, now=now
+            )
+            store.upsert_sender(conn, address=f"@{domain}", organisation=org, name=None, now=now)
+
+
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[Callable[[Config], Any]]:
-    """Factory: start a Gateway for a config; every one started is stopped at the end."""
+async def start_gateway() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start a Gateway for a config; every one started is stopped at the end.
+
+    With seed=True (the default) the client domains are authorised first.
+    """
     started: list[Gateway] = []
 
-    async def factory(config: Config) -> Gateway:
-        gateway = Gateway(config)
+    async def factory(config: Config, *, seed: bool = True, **options: Any) -> Gateway:
+        if seed:
+            seed_senders(config)
+        gateway = Gateway(config, **options)
         await gateway.start()
         started.append(gateway)
         return gateway
@@ -321,6 +344,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 
     def factory(**options: Any) -> DaemonProcess:
         config_path = write_config(tmp_path, **options)
+        seed_senders(load_config(config_path))
         process = DaemonProcess(config_path, tmp_path / "gateway.log")
         process.start()
         started.append(process)

@@ -60,7 +60,7 @@ def assert_discreet(text: str) -> None:
 class ProtocolClient(RawClient):
     """RawClient that checks every reply it reads for leaked internals."""
 
-    async def reply(self, timeout: float = 10) -> tuple[int, str]:  # noqa: ASYNC109 (as RawClient)
+    async def reply(self, timeout: float = 10) -> tuple[int, str]:
         code, text = await super().reply(timeout)
         assert_discreet(text)
         return code, text

@@ -114,7 +114,7 @@ async def test_reply_by_token(config: Config, gateway: Gateway) -> None:
     # ...while a forged mac is accepted for the mailbox but threads nothing.
     await send(
         gateway,
-        make_message(subject="forged", sender="mallory@evil.example.net"),
+        make_message(subject="forged", sender="mallory@other.example.net"),
         to="support+t1-aaaaaaaaaa@example.org",
     )
     assert ticket(config, 1)["message_count"] == 2
@@ -145,12 +145,12 @@ async def test_subject_tag_from_participant_and_from_stranger(
     # A stranger quoting the tag opens a ticket of their own and learns nothing of #1.
     await send(
         gateway,
-        make_message(subject="Re: [#1] Invoice export fails", sender="eve@evil.example.net"),
-        sender="eve@evil.example.net",
+        make_message(subject="Re: [#1] Invoice export fails", sender="eve@other.example.net"),
+        sender="eve@other.example.net",
     )
     assert ticket(config, 1)["message_count"] == 2
     stranger = ticket(config, 2)
-    assert stranger["requester"] == "eve@evil.example.net"
+    assert stranger["requester"] == "eve@other.example.net"
 
 
 async def test_custom_tag_format(make_config: Any, start_gateway: Any) -> None:

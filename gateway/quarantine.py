@@ -1,0 +1,247 @@
+"""Held mail: what an admin can do with it (release, discard, block) and its expiry.
+
+Each action is one transaction with its audit event. A release files the message exactly
+as the intake path would have, had its sender been authorised. Nothing here ever mails the
+sender of held mail: the quarantine is invisible from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import store
+from .classify import OwnIdentity, classify
+from .config import Config
+from .inbound import InboundMessage, ParserPool
+from .lookalike import skeleton
+from .pipeline import (
+    _KIND_OF,
+    Envelope,
+    Intake,
+    file_message,
+    sender_identity,
+    thread_facts,
+    unit_of,
+)
+from .policy import Disposition, PolicyFacts, decide
+from .tickets import SubjectTag
+
+
+class QuarantineError(Exception):
+    """An action cannot be done; the message says why (for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Released:
+    quarantine_id: int
+    message: int
+    ticket: int | None
+    authorised: str | None  # the sender added to an organisation, if --authorise
+
+
+def parse_held(config: Config, raw: bytes) -> InboundMessage:
+    """Parse held mail again, in a worker process with the daemon's limits: it may be hostile."""
+
+    from .app import parse_limits  # app imports the scheduler, which imports this module
+
+    async def run() -> InboundMessage:
+        pool = ParserPool(parse_limits(config), workers=1)
+        await pool.start()
+        try:
+            return await pool.parse(raw)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def _held(conn: sqlite3.Connection, quarantine_id: int) -> dict[str, Any]:
+    row = store.held_message(conn, quarantine_id)
+    if row is None:
+        raise QuarantineError(f"no quarantine entry {quarantine_id}")
+    if row["status"] != "held":
+        raise QuarantineError(f"quarantine entry {quarantine_id} is already {row['status']}")
+    return row
+
+
+def release(
+    config: Config,
+    conn: sqlite3.Connection,
+    quarantine_id: int,
+    *,
+    actor: str,
+    now: datetime,
+    authorise: bool = False,
+    reason: str | None = None,
+) -> Released:
+    """File held mail as if its sender were authorised (an admin vouches for it)."""
+    # Parse before taking the write lock: a parse may take seconds.
+    with store.write_transaction(conn):
+        raw = bytes(_held(conn, quarantine_id)["raw"])
+    parsed = parse_held(config, raw)
+    stamp = now.isoformat(timespec="microseconds")
+    with store.write_transaction(conn):
+        row = _held(conn, quarantine_id)
+        record = store.stored_message_from_row(row)
+        sender, from_problem = sender_identity(parsed)
+        added = None
+        organisation = None
+        if authorise:
+            organisation, added = _authorise(conn, sender, actor=actor, now=stamp, reason=reason)
+        found = store.sender_record(conn, sender) if sender else None
+        if found is not None and found.blocked:
+            raise QuarantineError(f"{sender} is blocked; unblock it before releasing its mail")
+        if organisation is None and found is not None and found.authorised:
+            organisation = found.organisation
+        envelope = Envelope(record.mail_from, record.rcpt_to, record.peer, record.helo)
+        verdict = classify(
+            headers=parsed.headers,
+            subject=parsed.subject,
+            from_addresses=parsed.from_addresses,
+            mail_from=record.mail_from,
+            content_type=parsed.content_type,
+            report=parsed.report,
+            own=OwnIdentity(config.smtp.hostname, tuple(m.address for m in config.mailboxes)),
+            text=parsed.text,
+        )
+        facts = PolicyFacts(
+            sender=sender,
+            from_problem=from_problem,
+            malformed=parsed.malformed,
+            classification=verdict.kind,
+            loop_reason=None,
+            blocked=False,
+            authorised=organisation is not None,
+            staff=config.is_staff(sender),
+            forged=None,
+            auth_temperror=False,
+            lookalike_of=None,
+            known_ticket=False,
+            released=True,
+            unknown_sender=config.policy.unknown_sender,
+        )
+        decision = decide(facts)
+        if decision.disposition is not Disposition.FILE:
+            raise QuarantineError(f"cannot release: {decision.reason}")
+        intake = Intake(
+            record=record,
+            thread=thread_facts(
+                config,
+                store.token_secret(conn),
+                SubjectTag(config.tickets.tag),
+                envelope,
+                parsed,
+                sender,
+            ),
+            kind=_KIND_OF[verdict.kind],
+            report=parsed.report,
+            unit=unit_of(config, envelope),
+            facts=facts,
+            skeleton=skeleton(sender) if sender else None,
+        )
+        message_id = int(row["id"])
+        _, filing = file_message(
+            conn, intake, record, organisation=organisation, row=message_id, now=stamp
+        )
+        store.decide_held(conn, quarantine_id, status="released", actor=actor, now=stamp)
+        store.record_event(
+            conn,
+            time=stamp,
+            actor=actor,
+            action="quarantine.released",
+            subject=f"quarantine:{quarantine_id}",
+            ticket=filing.ticket,
+            detail={
+                "message": message_id,
+                "ticket": filing.ticket,
+                "authorised": added,
+                "reason": reason,
+            },
+        )
+    return Released(quarantine_id, message_id, filing.ticket, added)
+
+
+def _authorise(
+    conn: sqlite3.Connection, sender: str | None, *, actor: str, now: str, reason: str | None
+) -> tuple[int, str]:
+    if not sender:
+        raise QuarantineError("the message has no usable From address to authorise")
+    domain = sender.rpartition("@")[2]
+    organisation = store.organisation_for_domain(conn, domain)
+    if organisation is None:
+        raise QuarantineError(
+            f"no organisation has the domain {domain}: add it to one "
+            f"(gateway orgs add NAME --domain {domain}) or use `gateway senders add`"
+        )
+    existing = store.find_sender(conn, sender)
+    if existing is not None and existing.blocked:
+        raise QuarantineError(f"{sender} is blocked; unblock it before authorising it")
+    store.upsert_sender(conn, address=sender, organisation=organisation.id, name=None, now=now)
+    store.record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action="sender.added",
+        subject=f"sender:{sender}",
+        detail={"organisation": organisation.name, "via": "quarantine release", "reason": reason},
+    )
+    return organisation.id, sender
+
+
+def discard(
+    conn: sqlite3.Connection,
+    quarantine_id: int,
+    *,
+    actor: str,
+    now: datetime,
+    reason: str | None = None,
+    block: bool = False,
+) -> str | None:
+    """Discard held mail (its bytes stay stored for audit); with block, block its sender."""
+    stamp = now.isoformat(timespec="microseconds")
+    with store.write_transaction(conn):
+        row = _held(conn, quarantine_id)
+        sender = row["sender"]
+        if block:
+            if not isinstance(sender, str) or not sender:
+                raise QuarantineError("the message has no usable From address to block")
+            store.block_sender(conn, sender, now=stamp)
+            store.record_event(
+                conn,
+                time=stamp,
+                actor=actor,
+                action="sender.blocked",
+                subject=f"sender:{sender}",
+                detail={"via": f"quarantine:{quarantine_id}", "reason": reason},
+            )
+        store.decide_held(conn, quarantine_id, status="discarded", actor=actor, now=stamp)
+        store.record_event(
+            conn,
+            time=stamp,
+            actor=actor,
+            action="quarantine.discarded",
+            subject=f"quarantine:{quarantine_id}",
+            detail={"message": row["id"], "blocked": sender if block else None, "reason": reason},
+        )
+    return sender if block and isinstance(sender, str) else None
+
+
+def expire(conn: sqlite3.Connection, *, days: int, now: datetime) -> list[int]:
+    """Expire held mail older than `days` (a unit for the writer, or the CLI)."""
+    stamp = now.isoformat(timespec="microseconds")
+    before = (now - timedelta(days=days)).isoformat(timespec="microseconds")
+    expired = store.expire_held(conn, before=before, now=stamp)
+    for quarantine_id in expired:
+        store.record_event(
+            conn,
+            time=stamp,
+            actor="gateway",
+            action="quarantine.expired",
+            subject=f"quarantine:{quarantine_id}",
+            detail={"after_days": days},
+        )
+    return expired
