@@ -6,6 +6,7 @@ as ours: that is what keeps gateway from being a relay.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,6 +70,10 @@ def normalise_address(address: str) -> str | None:
     return f"{local.lower()}@{domain}"
 
 
+# Validation costs ~50 us a call, on the event loop for every message, and the same senders
+# write again and again. Keys are From addr-specs (at most 998 characters, see
+# gateway.inbound), so the cache holds a few MB at most.
+@functools.lru_cache(maxsize=1024)
 def parse_sender(address: str) -> str | None:
     """The From addr-spec as identity: valid by email-validator (no DNS), lower-case,
     domain as IDNA A-label; None if it is not a valid address."""

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from .authn import DnsFunc
 from .config import Config
 from .inbound import ParseLimits, ParserPool
 from .logs import event
+from .outbox import STOP_GRACE_SECONDS as OUTBOX_STOP_GRACE
+from .outbox import OutboxWorker
 from .pipeline import Pipeline, utc_now
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
@@ -45,6 +48,7 @@ class Gateway:
         *,
         now: Callable[[], datetime] = utc_now,
         dnsfunc: DnsFunc | None = None,
+        relay_tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.now = now
@@ -52,6 +56,9 @@ class Gateway:
         self.parser = ParserPool(parse_limits(config), workers=config.parser.workers)
         # dnsfunc: the DNS lookup of DKIM keys; tests pass a stub, production None.
         self.pipeline = Pipeline(config, self.parser, self.writer, now, dnsfunc)
+        # relay_tls_context: tests trust their own CA; production builds it from the config.
+        self.outbox = OutboxWorker(config, self.writer, now=now, tls_context=relay_tls_context)
+        self.pipeline.mail_queued = self.outbox.wake
         self._server: asyncio.Server | None = None
         self._state: ServerState | None = None
         self._scheduler: asyncio.Task[None] | None = None
@@ -59,6 +66,7 @@ class Gateway:
     async def start(self) -> None:
         await self.writer.start()
         try:
+            await self.outbox.start()
             await self.parser.start()
             await self.pipeline.start()
             self._server, self._state = await start_server(self.config, self.pipeline)
@@ -66,6 +74,7 @@ class Gateway:
                 run_scheduler(self.config, self.writer, self.now), name="gateway-scheduler"
             )
         except BaseException:
+            await self.outbox.stop()
             await self.parser.close()
             await self.writer.close()
             raise
@@ -86,9 +95,12 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
             self._scheduler = None
+        # The outbox finishes the deliveries in progress while the sessions drain.
+        outbox_stopped = asyncio.create_task(self.outbox.stop(min(grace, OUTBOX_STOP_GRACE)))
         if self._server is not None and self._state is not None:
             await stop_server(self._server, self._state, grace)
             self._server = None
+        await outbox_stopped
         await self.parser.close()
         await self.writer.close()
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import codecs
 import email.header
 import email.message
+import importlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 # --- values ---------------------------------------------------------------------------------
 
@@ -349,6 +351,127 @@ _DAEMON_LOCAL_PARTS = MappingProxyType(
 _DAEMON_DISPLAY_NAME = re.compile(r"mail delivery (?:sub)?system|mailer[- ]daemon", re.IGNORECASE)
 
 
+# --- keyword gates for the body scans -----------------------------------------------------------
+#
+# CPython's regex engine has no fast path for a case-insensitive pattern of alternatives: it
+# tries each alternative at every character, 10-40 us per KB whether or not anything matches,
+# and every message's body met 15 such patterns in the worker and one more on the event loop.
+# So each body scan is preceded by a substring test (str's C search): the pattern runs only if
+# the text contains one of the words that any match of it must contain. The words are derived
+# from the pattern itself at import (_required_words), so they cannot drift from it; a pattern
+# they cannot be derived for is always run. The gate only ever skips a search that could not
+# have matched: every verdict is the pattern's own.
+
+# re.IGNORECASE equates these with ASCII letters and str.lower() does not (U+212A KELVIN SIGN
+# it does, to "k"); found by matching every code point against every ASCII character.
+_IGNORECASE_FOLDS = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"))
+# A clause of shorter words would let nearly every text through: it is left out of the gate.
+_MIN_GATE_WORD = 3
+# Clauses kept per alternative (the most selective), to bound the substring searches.
+_MAX_GATE_CLAUSES = 3
+
+# A clause: words, one of which is in the text. An alternative: clauses, all of which hold.
+# A gate: alternatives, one of which holds; None where no gate could be derived.
+Clause = frozenset[str]
+Gate = tuple[tuple[Clause, ...], ...]
+
+
+def _folded(text: str) -> str:
+    """The text as the gates search it: lower case, and every character re.IGNORECASE takes for
+    an ASCII letter made that letter, one character for one (so words stay contiguous)."""
+    for char, letter in _IGNORECASE_FOLDS:
+        if char in text:
+            text = text.replace(char, letter)
+    return text.lower()
+
+
+def _may_match(gate: Gate | None, folded: str) -> bool:
+    """False only if no match of the gated pattern can be in the text `folded` came from."""
+    if gate is None:
+        return True
+    # Plain loops: this runs ~20 times a message, where generator frames cost more than
+    # the searches.
+    for alternative in gate:
+        for clause in alternative:
+            for word in clause:
+                if word in folded:
+                    break
+            else:
+                break  # no word of this clause: try the next alternative
+        else:
+            return True
+    return False
+
+
+def _gate(pattern: re.Pattern[str]) -> Gate | None:
+    """What every match of `pattern` contains, as lower-case ASCII words; None if unknown.
+
+    Read from the pattern's parse tree (the re module's own parser). A match of a top-level
+    alternative contains a match of each element of its sequence: a run of literal characters,
+    what a group's content requires, what an item repeated at least once requires, and for a
+    nested branch one of the words its alternatives each require. Characters matched
+    case-insensitively are fine: the words are looked for in _folded text. Anything
+    unexpected gives None, and the pattern is always run.
+    """
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        ops: Any = importlib.import_module("re._constants")
+        items = list(parser.parse(pattern.pattern, pattern.flags))
+        if len(items) == 1 and items[0][0] is ops.BRANCH:
+            sequences = list(items[0][1][1])
+        else:
+            sequences = [items]
+        gate = []
+        for sequence in sequences:
+            clauses = sorted(_clauses(sequence, ops), key=_selectivity, reverse=True)
+            if not clauses:
+                return None
+            gate.append(tuple(clauses[:_MAX_GATE_CLAUSES]))
+    except Exception:
+        return None
+    return tuple(gate)
+
+
+def _clauses(items: Iterable[tuple[Any, Any]], ops: Any) -> list[Clause]:
+    """The clauses every match of this sequence satisfies (all of them, any order)."""
+    found: list[Clause] = []
+    run: list[str] = []
+
+    def add(clause: Clause | None) -> None:
+        if clause and all(w.isascii() and len(w.strip()) >= _MIN_GATE_WORD for w in clause):
+            found.append(clause)
+
+    for op, arg in items:
+        if op is ops.LITERAL:
+            run.append(chr(arg))
+            continue
+        add(frozenset({"".join(run).lower()}) if run else None)
+        run = []
+        if op is ops.SUBPATTERN:
+            found.extend(_clauses(arg[-1], ops))
+        elif op is ops.ATOMIC_GROUP:
+            found.extend(_clauses(arg, ops))
+        elif op in (ops.MAX_REPEAT, ops.MIN_REPEAT, ops.POSSESSIVE_REPEAT) and arg[0] >= 1:
+            found.extend(_clauses(arg[2], ops))
+        elif op is ops.BRANCH:
+            # Each alternative's best clause; the branch requires one of their words.
+            best = [max(_clauses(alt, ops), key=_selectivity, default=None) for alt in arg[1]]
+            if all(best):
+                add(frozenset().union(*(clause for clause in best if clause)))
+        # Anything else (classes, anchors, look-arounds, "."): nothing required here.
+    add(frozenset({"".join(run).lower()}) if run else None)
+    return found
+
+
+def _selectivity(clause: Clause) -> tuple[int, int]:
+    return min(len(word.strip()) for word in clause), -len(clause)
+
+
+_FINGERPRINT_GATES = tuple(_gate(pattern) for _name, pattern in _FINGERPRINTS)
+_GENERIC_FAILURE_GATE = _gate(_GENERIC_FAILURE)
+_CHALLENGE_TEXT_GATE = _gate(_CHALLENGE_TEXT)
+
+
 # --- worker side: what a bounce says ------------------------------------------------------------
 
 
@@ -383,9 +506,10 @@ def _extract_report(msg: email.message.Message) -> DeliveryReport | None:
         top_type == "multipart/report"
         and str(msg.get_param("report-type", "") or "").strip().lower() == "delivery-status"
     )
-    if not top_report and _is_challenge(subject, text):
+    folded = _folded(text)
+    if not top_report and _is_challenge(subject, text, folded):
         return None
-    fingerprint = _fingerprint(text)
+    fingerprint = _fingerprint(text, folded)
     subject_hit = _is_bounce_subject(subject)
     sender_hit = _is_daemon_origin(msg)
     blocks = parts.status_blocks
@@ -409,9 +533,9 @@ def _extract_report(msg: email.message.Message) -> DeliveryReport | None:
         source, is_report = "subject", True
     elif fingerprint:
         source, is_report = fingerprint, False
-    elif subject_hit and _GENERIC_FAILURE.search(text):
+    elif subject_hit and _generic_failure(text, folded):
         source, is_report = "subject", False
-    elif sender_hit and _GENERIC_FAILURE.search(text):
+    elif sender_hit and _generic_failure(text, folded):
         source, is_report = "daemon-text", False
     else:
         return None
@@ -658,11 +782,17 @@ def _returned_message_ids(part: email.message.Message) -> list[str]:
     return _MESSAGE_ID_LINE.findall(_part_text(part, _SCAN_LIMIT).partition("\n\n")[0])
 
 
-def _fingerprint(text: str) -> str | None:
-    for name, pattern in _FINGERPRINTS:
-        if pattern.search(text):
+def _fingerprint(text: str, folded: str | None = None) -> str | None:
+    """The first MTA whose bounce text this is; folded: _folded(text), if already made."""
+    folded = _folded(text) if folded is None else folded
+    for (name, pattern), gate in zip(_FINGERPRINTS, _FINGERPRINT_GATES, strict=True):
+        if _may_match(gate, folded) and pattern.search(text):
             return name
     return None
+
+
+def _generic_failure(text: str, folded: str) -> bool:
+    return _may_match(_GENERIC_FAILURE_GATE, folded) and bool(_GENERIC_FAILURE.search(text))
 
 
 def _is_bounce_subject(subject: str) -> bool:
@@ -720,8 +850,14 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _is_challenge(subject: str, text: str) -> bool:
-    return bool(_CHALLENGE_SUBJECT.search(subject) or _CHALLENGE_TEXT.search(text[:8192]))
+def _is_challenge(subject: str, text: str, folded: str | None = None) -> bool:
+    """A challenge-response request; folded: _folded(text), if already made (the fold is one
+    character for one, so its first 8,192 characters are those of text[:8192])."""
+    if _CHALLENGE_SUBJECT.search(subject):
+        return True
+    head = text[:8192]
+    gate = _folded(head) if folded is None else folded[:8192]
+    return _may_match(_CHALLENGE_TEXT_GATE, gate) and bool(_CHALLENGE_TEXT.search(head))
 
 
 # --- main-process side: the decision ------------------------------------------------------------

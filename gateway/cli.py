@@ -25,8 +25,10 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 from . import __version__, store
-from .address import is_our_domain, match_mailbox
+from .address import is_our_domain, match_mailbox, parse_sender
 from .config import Config, ConfigError, config_path, load_config
+from .notify import Planner
+from .render import Templates
 from .tickets import Status
 
 
@@ -94,8 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     tshow.add_argument("number", type=_ticket_number, help="the ticket number (1234 or #1234)")
     tshow.add_argument("--json", action="store_true", help="machine-readable output")
     tshow.set_defaults(handler=cmd_tickets_show)
+    treply = tickets_sub.add_parser(
+        "reply", help="reply to the client as staff (the text on stdin; '#note' first: a note)"
+    )
+    treply.add_argument("number", type=_ticket_number, help="the ticket number")
+    treply.add_argument("--from", dest="sender", required=True, help="your staff address")
+    treply.add_argument(
+        "--status", choices=[s.value for s in Status], help="the status afterwards (pending)"
+    )
+    treply.set_defaults(handler=cmd_tickets_reply)
+    tstatus = tickets_sub.add_parser("status", help="change a ticket's status")
+    tstatus.add_argument("number", type=_ticket_number, help="the ticket number")
+    tstatus.add_argument("status", choices=[s.value for s in Status])
+    tstatus.add_argument("--reason", help="why (kept in the audit trail)")
+    tstatus.set_defaults(handler=cmd_tickets_status)
     add_quarantine_commands(commands)
     add_admin_commands(commands)
+    add_outbox_commands(commands)
     return parser
 
 
@@ -217,6 +234,75 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
         for t in tickets
     ]
     _print_table(("TICKET", "STATUS", "UNIT", "REQUESTER", "MSGS", "UPDATED", "SUBJECT"), table)
+    return 0
+
+
+def _planner(config: Config, conn: sqlite3.Connection) -> Planner:
+    templates = Templates(config.templates_path)
+    return Planner(config, templates, store.token_secret(conn))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
+    sender = parse_sender(args.sender)
+    if sender is None or not config.is_staff(sender):
+        raise CliError(f"{args.sender} is not a staff address (see [staff] addresses and domains)")
+    body = sys.stdin.read().strip()
+    if not body:
+        raise CliError("the reply is empty: write it on standard input")
+    note = body.lower().startswith("#note")
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        if store.ticket_mail_info(conn, args.number) is None:
+            raise CliError(f"no ticket #{args.number}")
+        planner = _planner(config, conn)
+        now = _now()
+        actor = cli_actor()
+        if note:
+            store.add_note(conn, args.number, text=body, author=sender, now=now)
+            print(f"note added to #{args.number}")
+            return 0
+        why_not = planner.staff_reply(conn, args.number, body, sender, now)
+        if why_not is not None:
+            raise CliError(f"cannot send the reply to #{args.number}: {why_not}")
+        status = args.status or Status.PENDING.value
+        old = store.set_ticket_status(conn, args.number, status, now)
+        store.record_event(
+            conn,
+            time=now,
+            actor=actor,
+            action="ticket.replied",
+            subject=f"ticket:{args.number}",
+            ticket=args.number,
+            detail={"from": sender, "from_status": old, "to_status": status},
+        )
+    print(f"reply to #{args.number} queued; status {status}")
+    return 0
+
+
+def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        now = _now()
+        old = store.set_ticket_status(conn, args.number, args.status, now)
+        if old is None:
+            raise CliError(f"no ticket #{args.number}")
+        if old == args.status:
+            print(f"#{args.number} is already {args.status}")
+            return 0
+        store.record_event(
+            conn,
+            time=now,
+            actor=cli_actor(),
+            action="ticket.status",
+            subject=f"ticket:{args.number}",
+            ticket=args.number,
+            detail={"from": old, "to": args.status, "reason": args.reason},
+        )
+        why_not = _planner(config, conn).status_change(conn, args.number, old, args.status, now)
+    told = "the client is told" if why_not is None else f"no mail to the client ({why_not})"
+    print(f"#{args.number}: {old} -> {args.status}; {told}")
     return 0
 
 
@@ -372,6 +458,93 @@ def cmd_quarantine_discard(config: Config, args: argparse.Namespace) -> int:
     if blocked:
         print(f"blocked {blocked}")
     print(f"discarded quarantine entry {args.id}")
+    return 0
+
+
+# --- the outbox (outgoing mail) ---
+#
+# `retry` only changes the row (and records who asked); the running daemon sends it at its
+# next poll, within [delivery] poll_interval seconds.
+
+
+def add_outbox_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`outbox list` and `outbox retry`."""
+    outbox = commands.add_parser("outbox", help="outgoing mail: delivery status, retry")
+    sub = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    olist = sub.add_parser("list", help="outgoing mail, newest first")
+    olist.add_argument("--status", choices=store.OUTBOX_STATUSES, help="only this status")
+    olist.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N rows")
+    olist.add_argument("--json", action="store_true", help="machine-readable output")
+    olist.set_defaults(handler=cmd_outbox_list)
+    oretry = sub.add_parser(
+        "retry", help="make a failed or waiting mail due now (attempts so far are kept)"
+    )
+    oretry.add_argument("id", type=_positive_int, help="the outbox row id (from `outbox list`)")
+    _add_reason_option(oretry)
+    oretry.set_defaults(handler=cmd_outbox_retry)
+
+
+def _outbox_status(row: dict[str, Any]) -> str:
+    if row["status"] == "queued" and row["attempts"]:
+        return f"queued, next {row['next_attempt_at'][:16].replace('T', ' ')}"
+    return str(row["status"])
+
+
+def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        rows = store.list_outbox(conn, status=args.status, limit=args.limit)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("the outbox is empty" if args.status is None else f"no {args.status} mail")
+        return 0
+    table = [
+        (
+            str(r["id"]),
+            r["created_at"][:16].replace("T", " "),
+            f"#{r['ticket']}" if r["ticket"] is not None else "",
+            r["kind"],
+            r["to"],
+            _outbox_status(r),
+            str(r["attempts"]),
+            r["subject"],
+            r["last_error"] or "",
+        )
+        for r in rows
+    ]
+    header = ("ID", "CREATED (UTC)", "TICKET", "KIND", "TO", "STATUS", "TRIES", "SUBJECT", "ERROR")
+    _print_table(header, table)
+    return 0
+
+
+def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
+    now = _utc_now()
+    with _admin_db(config, write=True) as conn:
+        row = store.find_outbox(conn, args.id)
+        if row is None:
+            raise CliError(f"no outbox row {args.id}")
+        if row["status"] == "sent":
+            raise CliError(f"outbox row {args.id} was already sent")
+        store.retry_outbox(conn, args.id, now=now)
+        detail: dict[str, Any] = {
+            "to": row["to"],
+            "status": row["status"],
+            "attempts": row["attempts"],
+            "last_error": row["last_error"],
+        }
+        if args.reason:
+            detail["reason"] = args.reason
+        store.record_event(
+            conn,
+            time=now,
+            actor=cli_actor(),
+            action="outbox.retried",
+            subject=f"outbox:{args.id}",
+            ticket=row["ticket"],
+            detail=detail,
+        )
+    print(f"outbox row {args.id} to {row['to']} is due now: the daemon sends it at its next poll")
     return 0
 
 
@@ -862,11 +1035,10 @@ def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
                 "blocked": existing.blocked,
             },
         )
-    state = "blocked" if existing.blocked else "authorised"
-    print(
-        f"removed {address} (was {state}"
-        + (f" for {existing.organisation})" if existing.organisation else ")")
-    )
+    was = "blocked" if existing.blocked else "authorised"
+    if existing.organisation:
+        was += f" for {existing.organisation}"
+    print(f"removed {address} (was {was})")
     return 0
 
 

@@ -135,6 +135,43 @@ class PolicyConfig:
 class StaffConfig:
     addresses: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
+    # Who is told about new quarantine entries and tripped loop rules.
+    admins: tuple[str, ...] = ()
+    # Put the staff member's name and address in replies to clients (else only the desk's).
+    show_staff_address: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    # "directory": each outgoing mail is written as an .eml file (the out-of-the-box
+    # default, no relay needed); "smtp": sent through the relay below.
+    mode: str = "directory"
+    directory: str = "var/outbox"
+    relay_host: str = ""
+    relay_port: int = 587
+    # STARTTLS with certificate checks, never a plaintext fallback.
+    starttls: bool = True
+    # CA bundle for the relay's certificate ("" = the system's).
+    ca_file: str = ""
+    username: str = ""
+    password_file: str = ""
+    timeout: int = 60
+    # Temporary failures are retried with back-off from retry_after seconds, doubling,
+    # until give_up_after seconds after the mail was planned.
+    retry_after: int = 300
+    give_up_after: int = 86400
+    # How often the worker looks for due mail when nothing woke it.
+    poll_interval: float = 5.0
+
+
+# The templates shipped with gateway: the project's top-level templates/ folder.
+BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class TemplatesConfig:
+    # A folder of the admins' own templates; "" uses the ones shipped with gateway.
+    directory: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,6 +183,12 @@ class LogConfig:
 class MailboxConfig:
     address: str
     unit: str = "support"
+    # The desk's name in the From of our mail ("" = the unit's name, e.g. "Support").
+    name: str = ""
+
+    @property
+    def desk(self) -> str:
+        return self.name or self.unit.replace("-", " ").replace("_", " ").capitalize()
 
     @property
     def local_part(self) -> str:
@@ -167,6 +210,8 @@ class Config:
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     staff: StaffConfig = field(default_factory=StaffConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
 
     def is_staff(self, address: str | None) -> bool:
         """Staff by configured address or domain (address already normalised)."""
@@ -186,6 +231,16 @@ class Config:
     @property
     def database_path(self) -> Path:
         return self.resolve(self.storage.database)
+
+    @property
+    def templates_path(self) -> Path:
+        if not self.templates.directory:
+            return BUILTIN_TEMPLATES
+        return self.resolve(self.templates.directory)
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.resolve(self.delivery.directory)
 
     @property
     def min_free_space(self) -> int:
@@ -213,7 +268,18 @@ def load_config(path: Path) -> Config:
     return parse_config(data, path)
 
 
-_SECTIONS = {"smtp", "storage", "parser", "log", "mailbox", "tickets", "policy", "staff"}
+_SECTIONS = {
+    "smtp",
+    "storage",
+    "parser",
+    "log",
+    "mailbox",
+    "tickets",
+    "policy",
+    "staff",
+    "delivery",
+    "templates",
+}
 
 
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
@@ -227,6 +293,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     tickets = _build(TicketsConfig, _table(data, "tickets"), "tickets")
     policy = _build(PolicyConfig, _table(data, "policy"), "policy")
     staff = _build(StaffConfig, _table(data, "staff"), "staff")
+    delivery = _build(DeliveryConfig, _table(data, "delivery"), "delivery")
+    templates = _build(TemplatesConfig, _table(data, "templates"), "templates")
     raw_boxes = data.get("mailbox", [])
     if not isinstance(raw_boxes, list) or not all(isinstance(b, dict) for b in raw_boxes):
         raise ConfigError("mailbox: must be an array of tables ([[mailbox]])")
@@ -243,6 +311,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         tickets=tickets,
         policy=policy,
         staff=staff,
+        delivery=delivery,
+        templates=templates,
     )
     _validate(config)
     return config
@@ -397,9 +467,18 @@ def _validate(config: Config) -> None:
         normalise_mailbox(f"x@{d}", f"staff.domains[{i}]").partition("@")[2]
         for i, d in enumerate(config.staff.domains)
     )
-    object.__setattr__(
-        config, "staff", StaffConfig(addresses=staff_addresses, domains=staff_domains)
+    staff_admins = tuple(
+        normalise_mailbox(a, f"staff.admins[{i}]", allow_plus=True)
+        for i, a in enumerate(config.staff.admins)
     )
+    object.__setattr__(
+        config,
+        "staff",
+        dataclasses.replace(
+            config.staff, addresses=staff_addresses, domains=staff_domains, admins=staff_admins
+        ),
+    )
+    _validate_delivery(config)
     if not config.storage.database:
         raise ConfigError("storage.database: must not be empty")
     if not config.mailboxes:
@@ -415,6 +494,33 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"mailbox[{i}].unit: must not be empty")
         normalised.append(dataclasses.replace(box, address=address))
     object.__setattr__(config, "mailboxes", tuple(normalised))
+
+
+def _validate_delivery(config: Config) -> None:
+    delivery = config.delivery
+    if delivery.mode not in ("directory", "smtp"):
+        raise ConfigError(f'delivery.mode: must be "directory" or "smtp", got {delivery.mode!r}')
+    if delivery.mode == "directory" and not delivery.directory:
+        raise ConfigError("delivery.directory: must be set when delivery.mode is directory")
+    if delivery.mode == "smtp" and not delivery.relay_host:
+        raise ConfigError("delivery.relay_host: must be set when delivery.mode is smtp")
+    if not 1 <= delivery.relay_port <= 65535:
+        raise ConfigError(f"delivery.relay_port: must be 1 to 65535, got {delivery.relay_port}")
+    for key in ("timeout", "retry_after", "give_up_after"):
+        if getattr(delivery, key) < 1:
+            raise ConfigError(f"delivery.{key}: must be at least 1, got {getattr(delivery, key)}")
+    if delivery.poll_interval <= 0:
+        raise ConfigError("delivery.poll_interval: must be more than 0")
+    if bool(delivery.username) != bool(delivery.password_file):
+        raise ConfigError("delivery.username: username and password_file must be set together")
+    for key in ("password_file", "ca_file"):
+        value = getattr(delivery, key)
+        if value and not config.resolve(value).is_file():
+            raise ConfigError(f"delivery.{key}: no such file: {config.resolve(value)}")
+    if delivery.username and not delivery.starttls:
+        raise ConfigError("delivery.starttls: a password is never sent without TLS")
+    if not config.templates_path.is_dir():
+        raise ConfigError(f"templates.directory: no such folder: {config.templates_path}")
 
 
 def normalise_mailbox(address: str, key: str, allow_plus: bool = False) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import IO
 
@@ -15,11 +16,14 @@ LOGGER_NAME = "gateway"
 log = logging.getLogger(LOGGER_NAME)
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:/@+<>[],#")
+# The same test as `text and all(c in _PLAIN for c in text)`, in C: a dozen values a message
+# at level info, where the generator cost ~1 us each.
+_PLAIN_TEXT = re.compile(r"[a-zA-Z0-9.\-_:/@+<>\[\],#]+")
 
 
 def format_value(value: object) -> str:
     text = str(value)
-    if text and all(c in _PLAIN for c in text):
+    if _PLAIN_TEXT.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=False)
 

@@ -9,6 +9,7 @@ to authorise anyone.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 # The confusables a forger reaches for first: Cyrillic and Greek letters that render as
@@ -106,6 +107,9 @@ def _unicode_domain(domain: str) -> str:
     return ".".join(labels)
 
 
+# A pure function of a short string, called on the event loop for every message: for the
+# sender and for each staff address and mailbox it is compared with (which never change).
+@functools.lru_cache(maxsize=1024)
 def skeleton(address: str) -> str:
     """The look-alike key of an address (or of "@domain")."""
     local, at, domain = address.strip().rpartition("@")

@@ -20,19 +20,21 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
 
 from . import authn, store
 from .address import match_mailbox, parse_sender
 from .classify import Classification, DeliveryReport, Kind, OwnIdentity, classify
-from .config import Config
+from .config import Config, MailboxConfig
 from .inbound import InboundMessage, ParserPool, scan_header_block
 from .logs import event
 from .lookalike import skeleton
+from .notify import MailKind, Planner
 from .policy import Disposition, PolicyFacts, Reason, Verdict, decide
 from .readable import sanitise_filename
+from .render import Templates
 from .store import Filing, StoredAttachment, StoredMessage, StoreFull, TicketQueries, Writer
 from .tickets import Kind as MessageKind
 from .tickets import (
@@ -109,9 +111,11 @@ class Intake:
     thread: ThreadFacts
     kind: MessageKind
     report: DeliveryReport | None
-    unit: str
+    mailbox: MailboxConfig
     facts: PolicyFacts  # the sender-list facts are filled in inside the transaction
     skeleton: str | None
+    planner: Planner | None = None  # plans the mail this message earns; None: send none
+    references: tuple[str, ...] = ()  # the message's own References header, in order
 
 
 @dataclass(frozen=True)
@@ -163,13 +167,14 @@ def thread_facts(
     )
 
 
-def unit_of(config: Config, envelope: Envelope) -> str:
-    """The desk unit of the first mailbox the message was sent to."""
+def mailbox_of(config: Config, envelope: Envelope) -> MailboxConfig:
+    """The first of our mailboxes the message was sent to: its unit owns the ticket, and
+    our mail about it comes from its address."""
     for rcpt in envelope.rcpt_to:
         recipient = match_mailbox(rcpt, config.mailboxes)
         if recipient is not None:
-            return recipient.mailbox.unit
-    return config.mailboxes[0].unit
+            return recipient.mailbox
+    return config.mailboxes[0]
 
 
 def own_lookalike(config: Config, sender: str | None) -> str | None:
@@ -204,11 +209,19 @@ class Pipeline:
             hostname=config.smtp.hostname,
             addresses=tuple(m.address for m in config.mailboxes),
         )
-        # Set by start(): the key of reply-token macs, kept in the database.
+        # Set by start(): the key of reply-token macs, kept in the database, and the
+        # planner of outgoing mail that uses it.
         self.token_secret = b""
+        self.planner: Planner | None = None
+        # Called after a commit that may have queued mail (the outbox worker's wake()).
+        self.mail_queued: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         self.token_secret = await self.writer.write(store.token_secret)
+        templates = Templates(self.config.templates_path)
+        # A broken template stops the daemon now, not at the first client's mail.
+        templates.check()
+        self.planner = Planner(self.config, templates, self.token_secret)
 
     async def receive(self, envelope: Envelope, raw: bytes) -> IntakeResult:
         queue_id = new_queue_id()
@@ -369,7 +382,9 @@ class Pipeline:
             thread=thread_facts(self.config, self.token_secret, self.tag, envelope, parsed, sender),
             kind=_KIND_OF[verdict.kind],
             report=parsed.report,
-            unit=unit_of(self.config, envelope),
+            mailbox=mailbox_of(self.config, envelope),
+            planner=self.planner,
+            references=parsed.references,
             facts=facts,
             skeleton=skeleton(sender) if sender else None,
         )
@@ -451,15 +466,71 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
             subject=f"quarantine:{quarantine_id}",
             detail={"message": row_id, "reasons": list(verdict.reasons)},
         )
+        _tell_admins(conn, intake, facts, verdict, quarantine_id, now)
         return Outcome(verdict, row_id, quarantine=quarantine_id)
     organisation = _organisation(conn, facts.sender) if facts.authorised else None
     row_id, filing = file_message(conn, intake, record, organisation=organisation)
     return Outcome(verdict, row_id, filing)
 
 
+def _tell_admins(
+    conn: sqlite3.Connection,
+    intake: Intake,
+    facts: PolicyFacts,
+    verdict: Verdict,
+    quarantine_id: int,
+    now: str,
+) -> None:
+    """New quarantine entries, and a tripped loop rule (once), are news for the admins.
+    Nothing about held mail is ever sent to its sender."""
+    planner = intake.planner
+    if planner is None:
+        return
+    record = intake.record
+    if facts.loop_reason == "rate":
+        threshold = planner.config.policy.loop_threshold_per_hour
+        since = (datetime.fromisoformat(now) - timedelta(hours=1)).isoformat()
+        # The first message over the threshold trips the rule: tell the admins then only.
+        if facts.sender and store.count_inbound_from(conn, facts.sender, since=since) == (
+            threshold + 1
+        ):
+            planner.tell_admins(
+                conn,
+                MailKind.LOOP_NOTICE,
+                {"sender": facts.sender, "count": threshold + 1, "threshold": threshold},
+                now,
+            )
+        return
+    planner.tell_admins(
+        conn,
+        MailKind.QUARANTINE_NOTICE,
+        {
+            "entry": {
+                "id": quarantine_id,
+                "sender": facts.sender or record.mail_from or "<>",
+                "subject": record.subject or "",
+                "reasons": list(verdict.reasons),
+                "received_at": record.received_at,
+            },
+            "held_count": store.count_held(conn),
+            "cli": f"gateway quarantine show {quarantine_id}",
+        },
+        now,
+    )
+
+
 def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
     facts = intake.facts
     updates: dict[str, object] = {}
+    if facts.sender and intake.planner is not None:
+        # More than loop_threshold_per_hour messages from one From in an hour: a mail
+        # loop with a machine that does not mark its mail (RELIABILITY 40).
+        policy = intake.planner.config.policy
+        since = (datetime.fromisoformat(intake.record.received_at) - timedelta(hours=1)).isoformat()
+        if store.count_inbound_from(conn, facts.sender, since=since) >= (
+            policy.loop_threshold_per_hour
+        ):
+            updates["loop_reason"] = "rate"
     if facts.sender:
         found = store.sender_record(conn, facts.sender)
         if found is not None:
@@ -510,6 +581,10 @@ def file_message(
         return row_id, filing
 
     decision = thread_message(intake.thread, queries)
+    if decision.ticket is not None and intake.facts.staff:
+        return _file_staff_mail(
+            conn, intake, record, decision.ticket.number, decision.via, now, save
+        )
     if decision.ticket is not None:
         number = decision.ticket.number
         reopen = decision.ticket.status in _REOPENS
@@ -531,7 +606,8 @@ def file_message(
 
     number = store.create_ticket(
         conn,
-        unit=intake.unit,
+        unit=intake.mailbox.unit,
+        mailbox=intake.mailbox.address,
         requester=record.sender or record.mail_from or "",
         subject=(record.subject or "").strip() or "(no subject)",
         now=now,
@@ -548,8 +624,63 @@ def file_message(
         action="ticket.created",
         subject=f"ticket:{number}",
         ticket=number,
-        detail={"message": row_id, "unit": intake.unit, "follows": decision.follows},
+        detail={"message": row_id, "unit": intake.mailbox.unit, "follows": decision.follows},
     )
+    if intake.planner is not None:
+        why_not = intake.planner.acknowledge(conn, number, record, now, intake.references)
+        if why_not is not None:
+            store.record_event(
+                conn,
+                time=now,
+                actor="gateway",
+                action="mail.withheld",
+                subject=f"ticket:{number}",
+                ticket=number,
+                detail={"kind": MailKind.ACKNOWLEDGEMENT.value, "why": why_not},
+            )
+    return row_id, filing
+
+
+def _file_staff_mail(
+    conn: sqlite3.Connection,
+    intake: Intake,
+    record: StoredMessage,
+    number: int,
+    via: Via,
+    now: str,
+    save: Callable[[Filing], int],
+) -> tuple[int, Filing]:
+    """Staff writing into a ticket: a public reply the client receives (and the ticket
+    then waits on them), or, with "#note" as its first line, an internal note."""
+    text = (record.text or "").lstrip()
+    if text.lower().startswith("#note"):
+        filing = Filing(number, MessageKind.NOTE, via)
+        store.update_ticket(conn, number, now=now)
+        return save(filing), filing
+    filing = Filing(number, MessageKind.STAFF, via)
+    row_id = save(filing)
+    old = store.set_ticket_status(conn, number, Status.PENDING, now)
+    store.record_event(
+        conn,
+        time=now,
+        actor=record.sender or "<>",
+        action="ticket.replied",
+        subject=f"ticket:{number}",
+        ticket=number,
+        detail={"message": row_id, "from_status": old, "to_status": Status.PENDING.value},
+    )
+    if intake.planner is not None:
+        why_not = intake.planner.staff_reply(conn, number, text, record.sender, now)
+        if why_not is not None:
+            store.record_event(
+                conn,
+                time=now,
+                actor="gateway",
+                action="mail.withheld",
+                subject=f"ticket:{number}",
+                ticket=number,
+                detail={"kind": MailKind.STAFF_REPLY.value, "why": why_not},
+            )
     return row_id, filing
 
 

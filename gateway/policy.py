@@ -87,7 +87,13 @@ def blocked(f: PolicyFacts) -> str | None:
 
 
 def mail_loop(f: PolicyFacts) -> str | None:
-    return Reason.LOOP if f.loop_reason or f.classification is Kind.LOOP else None
+    # Our own mail came back: refuse it at once.
+    return Reason.LOOP if f.classification is Kind.LOOP else None
+
+
+def inbound_flood(f: PolicyFacts) -> str | None:
+    # A sender over the hourly threshold: hold (never answer) the rest of that hour's mail.
+    return Reason.LOOP if f.loop_reason else None
 
 
 def unparseable(f: PolicyFacts) -> str | None:
@@ -146,6 +152,7 @@ def _unknown_disposition(f: PolicyFacts) -> Disposition:
 RULES: tuple[tuple[Rule, Disposition | Callable[[PolicyFacts], Disposition]], ...] = (
     (blocked, Disposition.REJECT),
     (mail_loop, Disposition.REJECT),
+    (inbound_flood, Disposition.QUARANTINE),
     # An admin's release vouches for everything below: it files what was held.
     (released, Disposition.FILE),
     # An auto-reply or bounce about a ticket we know is an event on it and carries no

@@ -18,16 +18,18 @@ from .classify import OwnIdentity, classify
 from .config import Config
 from .inbound import InboundMessage, ParserPool
 from .lookalike import skeleton
+from .notify import Planner
 from .pipeline import (
     _KIND_OF,
     Envelope,
     Intake,
     file_message,
+    mailbox_of,
     sender_identity,
     thread_facts,
-    unit_of,
 )
 from .policy import Disposition, PolicyFacts, decide
+from .render import Templates
 from .tickets import SubjectTag
 
 
@@ -125,13 +127,14 @@ def release(
             unknown_sender=config.policy.unknown_sender,
         )
         decision = decide(facts)
+        secret = store.token_secret(conn)
         if decision.disposition is not Disposition.FILE:
             raise QuarantineError(f"cannot release: {decision.reason}")
         intake = Intake(
             record=record,
             thread=thread_facts(
                 config,
-                store.token_secret(conn),
+                secret,
                 SubjectTag(config.tickets.tag),
                 envelope,
                 parsed,
@@ -139,7 +142,9 @@ def release(
             ),
             kind=_KIND_OF[verdict.kind],
             report=parsed.report,
-            unit=unit_of(config, envelope),
+            mailbox=mailbox_of(config, envelope),
+            planner=Planner(config, Templates(config.templates_path), secret),
+            references=parsed.references,
             facts=facts,
             skeleton=skeleton(sender) if sender else None,
         )

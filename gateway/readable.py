@@ -27,8 +27,10 @@ def _clean(text: str) -> str:
     """Cap, normalise newlines, and replace what cannot be stored or shown safely."""
     text = text[:MAX_INPUT_CHARS]
     # A lone surrogate (from a surrogateescape decode) cannot be encoded as UTF-8, so
-    # SQLite and every writer would raise on it: make it a replacement character.
-    text = _SURROGATE.sub("\ufffd", text)
+    # SQLite and every writer would raise on it: make it a replacement character. (ASCII
+    # text has none: isascii is a C flag test, the scan costs ~5 us a KB.)
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return _CONTROL.sub("", text)
 
@@ -298,6 +300,19 @@ def readable_text(text: str, html: str) -> str:
     return html_to_text(html)
 
 
+def reply_text(text: str, html: str) -> str:
+    """strip_reply(readable_text(text, html)), with the text cleaned once rather than twice
+    (_clean gives a text it leaves as it is)."""
+    cleaned = _clean(text) if isinstance(text, str) else ""
+    if not cleaned.strip():
+        return strip_reply(html_to_text(html))
+    try:
+        return _strip_cleaned(cleaned)
+    except Exception:
+        # As strip_reply: never lose a message's text to a bug in the heuristics.
+        return cleaned.strip()
+
+
 # ---------------------------------------------------------------------------------------
 # Quoted history and signature
 #
@@ -402,6 +417,8 @@ _CONTACT = re.compile(
 _ONLINE_CONTACT = re.compile(r"@|\bhttps?://|\bwww\.", re.IGNORECASE)
 # Four or more blank lines in a row (folded to three before the line-by-line work).
 _BLANK_RUN = re.compile(r"\n(?:[ \t]*\n){3,}")
+# More than one blank line in a row, in the result.
+_BLANK_LINES = re.compile(r"\n{3,}")
 # Lines a signature may have after its first line, and how long each may be.
 _MAX_SIGNATURE_TAIL = 12
 _MAX_SIGNATURE_LINE = 80
@@ -710,22 +727,26 @@ def strip_reply(text: str) -> str:
     If nothing would be left (a message that is only a quote), the text is returned trimmed.
     """
     try:
-        cleaned = _clean(text)
-        # Runs of blank lines carry no meaning here: fold them (in C) before the per-line
-        # work, so that a body of a million newlines costs no more than a short one.
-        folded = _BLANK_RUN.sub("\n\n\n", cleaned)
-        lines = folded.split("\n")
-        # Past _MAX_LINES lines (only a pasted log or a hostile body has that many) the
-        # text is kept as it is, unless it follows a cut: this bounds the per-line work.
-        head, rest = lines[:_MAX_LINES], lines[_MAX_LINES:]
-        kept, was_cut = _strip_quotes(_Lines.of(head))
-        kept = _strip_signature(kept if was_cut else kept + rest)
-        result = "\n".join(line.rstrip() for line in kept)
-        result = re.sub(r"\n{3,}", "\n\n", result).strip()
-        return result if result else cleaned.strip()
+        return _strip_cleaned(_clean(text))
     except Exception:
         # Never lose a message's text to a bug in the heuristics: keep all of it.
         return _clean(text).strip() if isinstance(text, str) else ""
+
+
+def _strip_cleaned(cleaned: str) -> str:
+    """strip_reply of a text _clean has made (may raise: the callers fall back)."""
+    # Runs of blank lines carry no meaning here: fold them (in C) before the per-line
+    # work, so that a body of a million newlines costs no more than a short one.
+    folded = _BLANK_RUN.sub("\n\n\n", cleaned)
+    lines = folded.split("\n")
+    # Past _MAX_LINES lines (only a pasted log or a hostile body has that many) the
+    # text is kept as it is, unless it follows a cut: this bounds the per-line work.
+    head, rest = lines[:_MAX_LINES], lines[_MAX_LINES:]
+    kept, was_cut = _strip_quotes(_Lines.of(head))
+    kept = _strip_signature(kept if was_cut else kept + rest)
+    result = "\n".join(line.rstrip() for line in kept)
+    result = _BLANK_LINES.sub("\n\n", result).strip()
+    return result if result else cleaned.strip()
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -170,6 +171,33 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX quarantine_by_status ON quarantine (status, held_at);
     CREATE INDEX messages_by_sender ON messages (sender, received_at);
+    """,
+    # 4: outgoing mail. Every mail we send is a messages row (direction 'out', raw bytes
+    # in message_raw, so replies thread by its Message-ID) plus one outbox row per
+    # recipient that the delivery worker works through.
+    """
+    ALTER TABLE tickets ADD COLUMN mailbox TEXT;      -- the address it came to: our From
+    ALTER TABLE tickets ADD COLUMN acknowledged INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE outbox (
+        id               INTEGER PRIMARY KEY,
+        message          INTEGER NOT NULL REFERENCES messages (id),
+        ticket           INTEGER REFERENCES tickets (number),
+        kind             TEXT NOT NULL,     -- acknowledgement, staff-reply, status-change, ...
+        automatic        INTEGER NOT NULL,  -- 1: counts against the per-recipient caps
+        mail_from        TEXT NOT NULL,     -- envelope sender; '' for automatic mail
+        rcpt_to          TEXT NOT NULL,     -- one recipient per row
+        subject          TEXT NOT NULL,
+        message_id       TEXT NOT NULL,
+        status           TEXT NOT NULL DEFAULT 'queued',  -- queued, sent, failed
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        sent_at          TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+    CREATE INDEX outbox_by_recipient ON outbox (rcpt_to, automatic, created_at);
+    CREATE INDEX outbox_by_ticket ON outbox (ticket, kind);
     """,
 )
 
@@ -576,13 +604,15 @@ def create_ticket(
     subject: str,
     now: str,
     follows: int | None = None,
+    mailbox: str | None = None,
 ) -> int:
     cursor = conn.execute(
         """
-        INSERT INTO tickets (unit, requester, subject, status, follows, created_at, updated_at)
-        VALUES (?, ?, ?, 'new', ?, ?, ?)
+        INSERT INTO tickets (unit, requester, subject, status, follows, mailbox, created_at,
+                             updated_at)
+        VALUES (?, ?, ?, 'new', ?, ?, ?, ?)
         """,
-        (unit, requester, subject, follows, now, now),
+        (unit, requester, subject, follows, mailbox, now, now),
     )
     number = cursor.lastrowid
     assert number is not None
@@ -820,6 +850,115 @@ def list_quarantine(conn: sqlite3.Connection, status: str | None = "held") -> li
             params,
         )
     ]
+
+
+# --- planning outgoing mail (intake path) ---------------------------------------------
+
+
+def count_automatic_mail(conn: sqlite3.Connection, to: str, *, since: str) -> int:
+    """Automatic mail queued to `to` since a time (the per-recipient caps)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM outbox WHERE rcpt_to = ? AND automatic = 1 AND created_at >= ?",
+        (to, since),
+    ).fetchone()
+    return int(row[0])
+
+
+def count_inbound_from(conn: sqlite3.Connection, sender: str, *, since: str) -> int:
+    """Messages received from a From address since a time (the loop rule)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE sender = ? AND received_at >= ? AND direction = 'in'",
+        (sender, since),
+    ).fetchone()
+    return int(row[0])
+
+
+def add_note(conn: sqlite3.Connection, ticket: int, *, text: str, author: str, now: str) -> int:
+    """An internal note written with the CLI: kept on the ticket, never sent."""
+    raw = text.encode("utf-8")
+    record = StoredMessage(
+        queue_id=f"note-{secrets.token_hex(8)}",
+        received_at=now,
+        mail_from=author,
+        rcpt_to=(),
+        peer="cli",
+        helo="",
+        raw=raw,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        message_id=None,
+        from_header=author,
+        subject=None,
+        date_header=None,
+        malformed=None,
+        defects=(),
+        sender=author,
+        text=text,
+    )
+    row = insert_message(conn, record, Filing(ticket, "note", "cli"))
+    update_ticket(conn, ticket, now=now)
+    record_event(
+        conn,
+        time=now,
+        actor=author,
+        action="ticket.noted",
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail={"message": row},
+    )
+    return row
+
+
+def count_held(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT COUNT(*) FROM quarantine WHERE status = 'held'").fetchone()
+    return int(row[0])
+
+
+def ticket_acknowledged(conn: sqlite3.Connection, ticket: int) -> bool:
+    row = conn.execute("SELECT acknowledged FROM tickets WHERE number = ?", (ticket,)).fetchone()
+    return bool(row and row["acknowledged"])
+
+
+def set_acknowledged(conn: sqlite3.Connection, ticket: int) -> None:
+    conn.execute("UPDATE tickets SET acknowledged = 1 WHERE number = ?", (ticket,))
+
+
+def ticket_mail_info(conn: sqlite3.Connection, ticket: int) -> dict[str, Any] | None:
+    """What a mail about a ticket needs: requester, mailbox, subject, status, and the
+    Message-IDs on it in order (for References)."""
+    row = conn.execute(
+        "SELECT requester, mailbox, subject, status FROM tickets WHERE number = ?", (ticket,)
+    ).fetchone()
+    if row is None:
+        return None
+    ids = [
+        str(r["message_id"])
+        for r in conn.execute(
+            """
+            SELECT message_id FROM messages
+            WHERE ticket = ? AND message_id IS NOT NULL AND duplicate_of IS NULL
+            ORDER BY id DESC LIMIT 20
+            """,
+            (ticket,),
+        )
+    ]
+    return {
+        "requester": row["requester"],
+        "mailbox": row["mailbox"],
+        "subject": row["subject"],
+        "status": row["status"],
+        "message_ids": list(reversed(ids)),
+    }
+
+
+def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: str) -> str | None:
+    """Set a ticket's status; returns the old one (None if there is no such ticket)."""
+    row = conn.execute("SELECT status FROM tickets WHERE number = ?", (number,)).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        "UPDATE tickets SET status = ?, updated_at = ? WHERE number = ?", (status, now, number)
+    )
+    return str(row["status"])
 
 
 # --- reading for the CLI --------------------------------------------------------------
@@ -1227,3 +1366,252 @@ def list_events(
         }
         for row in conn.execute(sql, params)
     ]
+
+
+# --- the outbox (delivery worker and CLI) ---
+#
+# Outgoing mail is planned as rows here, inside the transaction of the event that causes it
+# (the transactional outbox). The delivery worker reads due rows through a read-only
+# connection of its own (`open_outbox_reader`), which sees committed rows only, and records
+# each attempt's outcome as a tiny unit for the Writer. One recipient per row; every
+# timestamp is an ISO 8601 UTC string, compared as a string.
+
+OUTBOX_STATUSES = ("queued", "sent", "failed")
+
+
+@dataclass(frozen=True)
+class OutboxMail:
+    """One due outbox row, as the delivery worker needs it (its bytes are read apart)."""
+
+    id: int
+    message: int  # the messages row whose raw bytes are sent
+    ticket: int | None
+    kind: str
+    mail_from: str  # envelope sender; '' is the null sender <>
+    rcpt_to: str
+    message_id: str
+    attempts: int
+    created_at: str
+
+
+def queue_mail(
+    conn: sqlite3.Connection,
+    *,
+    message_row: int,
+    ticket: int | None,
+    kind: str,
+    automatic: bool,
+    mail_from: str,
+    rcpt_to: str,
+    subject: str,
+    message_id: str,
+    now: str,
+) -> int:
+    """One outbox row for one recipient of a stored outgoing message, due at once."""
+    cursor = conn.execute(
+        """
+        INSERT INTO outbox (message, ticket, kind, automatic, mail_from, rcpt_to, subject,
+                            message_id, status, attempts, next_attempt_at, created_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?)
+        """,
+        (
+            message_row,
+            ticket,
+            kind,
+            int(automatic),
+            mail_from,
+            rcpt_to,
+            subject,
+            message_id,
+            now,
+            now,
+        ),
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def store_outgoing(
+    conn: sqlite3.Connection,
+    *,
+    raw: bytes,
+    message_id: str,
+    ticket: int | None,
+    kind: str,
+    automatic: bool,
+    mail_from: str,
+    recipients: Sequence[str],
+    subject: str,
+    now: str,
+    from_header: str | None = None,
+    text: str | None = None,
+) -> tuple[int, list[int]]:
+    """Store an outgoing mail (a messages row, direction 'out') and queue it per recipient.
+
+    Returns the messages row id and the outbox row ids, in the order of `recipients`.
+    """
+    import hashlib  # here rather than at the top, to keep this section whole
+
+    record = StoredMessage(
+        queue_id=f"out-{secrets.token_hex(8)}",
+        received_at=now,
+        mail_from=mail_from,
+        rcpt_to=tuple(recipients),
+        peer="",
+        helo="",
+        raw=raw,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        message_id=message_id,
+        from_header=from_header,
+        subject=subject,
+        date_header=None,
+        malformed=None,
+        defects=(),
+        direction="out",
+        text=text,
+    )
+    message_row = insert_message(conn, record, Filing(ticket, kind, "outgoing"))
+    rows = [
+        queue_mail(
+            conn,
+            message_row=message_row,
+            ticket=ticket,
+            kind=kind,
+            automatic=automatic,
+            mail_from=mail_from,
+            rcpt_to=rcpt_to,
+            subject=subject,
+            message_id=message_id,
+            now=now,
+        )
+        for rcpt_to in recipients
+    ]
+    return message_row, rows
+
+
+def open_outbox_reader(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A read-only connection to an existing, migrated database (the worker's reads)."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    return conn
+
+
+def due_outbox(
+    conn: sqlite3.Connection, *, now: str, limit: int, exclude: frozenset[int] = frozenset()
+) -> list[OutboxMail]:
+    """Queued rows whose next attempt is due, oldest due first, except the `exclude` ids."""
+    found = conn.execute(
+        """
+        SELECT id, message, ticket, kind, mail_from, rcpt_to, message_id, attempts, created_at
+        FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?
+        ORDER BY next_attempt_at, id LIMIT ?
+        """,
+        (now, limit + len(exclude)),
+    ).fetchall()
+    due = [
+        OutboxMail(
+            id=row["id"],
+            message=row["message"],
+            ticket=row["ticket"],
+            kind=row["kind"],
+            mail_from=row["mail_from"],
+            rcpt_to=row["rcpt_to"],
+            message_id=row["message_id"],
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+        )
+        for row in found
+        if row["id"] not in exclude
+    ]
+    return due[:limit]
+
+
+def mark_outbox_sent(conn: sqlite3.Connection, row_id: int, *, attempts: int, now: str) -> None:
+    """The relay took the mail (250 to DATA), or its file is written."""
+    conn.execute(
+        """
+        UPDATE outbox SET status = 'sent', attempts = ?, sent_at = ?, last_error = NULL
+        WHERE id = ?
+        """,
+        (attempts, now, row_id),
+    )
+
+
+def mark_outbox_retry(
+    conn: sqlite3.Connection, row_id: int, *, attempts: int, error: str, next_attempt_at: str
+) -> None:
+    """A temporary failure: queued again, due at `next_attempt_at`."""
+    conn.execute(
+        """
+        UPDATE outbox SET status = 'queued', attempts = ?, last_error = ?, next_attempt_at = ?
+        WHERE id = ?
+        """,
+        (attempts, error, next_attempt_at, row_id),
+    )
+
+
+def mark_outbox_failed(conn: sqlite3.Connection, row_id: int, *, attempts: int, error: str) -> None:
+    """A permanent failure, or a temporary one for too long: never tried again by itself."""
+    conn.execute(
+        "UPDATE outbox SET status = 'failed', attempts = ?, last_error = ? WHERE id = ?",
+        (attempts, error, row_id),
+    )
+
+
+_OUTBOX_SELECT = """
+    SELECT id, ticket, rcpt_to, subject, kind, status, attempts, last_error, created_at,
+           message_id, next_attempt_at, sent_at
+    FROM outbox
+"""
+
+
+def _outbox_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "ticket": row["ticket"],
+        "to": row["rcpt_to"],
+        "subject": row["subject"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "created_at": row["created_at"],
+        "message_id": row["message_id"],
+        "next_attempt_at": row["next_attempt_at"],
+        "sent_at": row["sent_at"],
+    }
+
+
+def list_outbox(
+    conn: sqlite3.Connection, *, status: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Outbox rows, newest first, as the `outbox list --json` objects."""
+    sql = _OUTBOX_SELECT
+    params: list[Any] = []
+    if status is not None:
+        sql += " WHERE status = ?"
+        params.append(status)
+    sql += " ORDER BY id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [_outbox_dict(row) for row in conn.execute(sql, params)]
+
+
+def find_outbox(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
+    """One outbox row as a `list_outbox` object, if it exists."""
+    row = conn.execute(f"{_OUTBOX_SELECT} WHERE id = ?", (row_id,)).fetchone()
+    return None if row is None else _outbox_dict(row)
+
+
+def retry_outbox(conn: sqlite3.Connection, row_id: int, *, now: str) -> None:
+    """Make a queued or failed row due now; its attempts so far are kept."""
+    conn.execute(
+        """
+        UPDATE outbox SET status = 'queued', next_attempt_at = ?
+        WHERE id = ? AND status IN ('queued', 'failed')
+        """,
+        (now, row_id),
+    )

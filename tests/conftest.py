@@ -145,9 +145,12 @@ def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3
         return list(conn.execute(sql, params))
 
 
-def stored_messages(config: Config) -> list[dict[str, Any]]:
+def stored_messages(config: Config, direction: str | None = "in") -> list[dict[str, Any]]:
+    """Stored messages, newest first: received ones unless told otherwise (the gateway
+    also stores every mail it sends)."""
     with closing(store.connect(config.database_path)) as conn:
-        return store.list_messages(conn)
+        found = store.list_messages(conn)
+    return [m for m in found if direction is None or m["direction"] == direction]
 
 
 def make_message(
@@ -335,6 +338,7 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.proc is not None and not self._log.closed:
             self._log.close()
 
 
@@ -353,3 +357,19 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield factory
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start a Relay (tests/relay.py) on loopback; all are closed at the end."""
+    from .relay import Relay
+
+    started: list[Relay] = []
+
+    async def factory(**options: Any) -> Relay:
+        started.append(Relay(**options))
+        return await started[-1].start()
+
+    yield factory
+    for r in started:
+        await r.close()

@@ -100,7 +100,11 @@ async def connect() -> AsyncIterator[Callable[[int], Any]]:
 
 
 def raw_of_only_message(config: Config) -> bytes:
-    [row] = rows(config, "SELECT raw FROM message_raw")
+    [row] = rows(
+        config,
+        "SELECT r.raw FROM message_raw r JOIN messages m ON m.id = r.message"
+        " WHERE m.direction = 'in'",
+    )
     return bytes(row["raw"])
 
 

@@ -1,0 +1,418 @@
+"""[plan] Outgoing mail: which events earn a mail, to whom, and the bytes of it.
+
+Planning runs inside the transaction of the event that causes it, so a mail is queued
+exactly when its ticket change commits (transactional outbox); delivery is the outbox
+worker's job. The guards here are the last word on automatic mail: it must never go to
+the null sender, an auto-reply, a bounce, a list, a loop, a held or refused sender, our own
+addresses, an undeliverable address, or anyone more often than the configured caps; and no
+header we write may carry a line break from the sender's words (CVE-2024-6923).
+"""
+
+from __future__ import annotations
+
+import email.policy
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from enum import StrEnum
+
+from . import store
+from .classify import Kind as Classification
+from .config import Config, MailboxConfig
+from .render import RenderedMail, Templates
+from .store import Filing, StoredMessage
+from .tickets import Kind as MessageKind
+from .tickets import SubjectTag, make_token
+
+# RELIABILITY 42: a generated subject is one line of at most 120 characters.
+MAX_SUBJECT = 120
+MAX_HEADER = 200
+MAX_REFERENCES = 20
+
+# Everything Python, mail programs or terminals may take for a line break, and the other
+# C0/C1 controls: none of them may reach a header we generate.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r"\s+")
+
+# The loop header on all our mail (classify.OwnIdentity.loop_header): mail that comes
+# back with it is our own.
+LOOP_HEADER = "X-Gateway-Loop"
+
+
+class MailKind(StrEnum):
+    ACKNOWLEDGEMENT = "acknowledgement"
+    STAFF_REPLY = "staff-reply"
+    STATUS_CHANGE = "status-change"
+    QUARANTINE_NOTICE = "quarantine-notice"
+    LOOP_NOTICE = "loop-notice"
+
+
+def sanitise_header(value: str, limit: int = MAX_HEADER) -> str:
+    """One line, no control characters, at most `limit` characters."""
+    text = _SPACES.sub(" ", _UNSAFE.sub(" ", value)).strip()
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
+
+
+def new_message_id(hostname: str, ticket: int | None) -> str:
+    """Our Message-IDs name the ticket (for people reading headers) and are unguessable;
+    threading trusts only IDs we stored, never the number written in one."""
+    where = f"t{ticket}" if ticket is not None else "n"
+    return f"<gw.{where}.{secrets.token_hex(10)}@{hostname}>"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    kind: MailKind
+    automatic: bool
+    to: str
+    subject: str
+    message_id: str
+    mail_from: str  # the envelope sender: "" for automatic mail (RFC 3834 section 3.3)
+    raw: bytes
+    text: str
+    from_header: str
+    ticket: int | None
+
+
+def build_mail(
+    *,
+    sender: Address,
+    to: str,
+    subject: str,
+    rendered: RenderedMail,
+    message_id: str,
+    date: datetime,
+    hostname: str,
+    reply_to: str | None = None,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
+    auto_submitted: str | None = None,
+) -> bytes:
+    """The bytes of one outgoing mail, headers built by the email library from sanitised
+    values (never by joining strings)."""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = sender
+    message["To"] = to
+    if reply_to:
+        message["Reply-To"] = reply_to
+    message["Subject"] = sanitise_header(subject, MAX_SUBJECT)
+    message["Date"] = format_datetime(date)
+    message["Message-ID"] = message_id
+    if in_reply_to:
+        message["In-Reply-To"] = sanitise_header(in_reply_to, 998)
+    if references:
+        message["References"] = " ".join(sanitise_header(r, 998) for r in references)
+    if auto_submitted:
+        # RFC 3834: mark what a machine wrote, and ask others' machines not to answer it.
+        message["Auto-Submitted"] = auto_submitted
+        message["X-Auto-Response-Suppress"] = "All"
+        message["Precedence"] = "bulk"
+    message[LOOP_HEADER] = hostname
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message.as_bytes()
+
+
+class Planner:
+    """Plans outgoing mail inside a store transaction (runs on the writer thread)."""
+
+    def __init__(self, config: Config, templates: Templates, secret: bytes) -> None:
+        self.config = config
+        self.templates = templates
+        self.secret = secret
+        self.tag = SubjectTag(config.tickets.tag)
+        self.own = {m.address for m in config.mailboxes} | set(config.staff.addresses)
+
+    # --- guards --------------------------------------------------------------------------
+
+    def refusal(self, conn: sqlite3.Connection, to: str | None, now: str) -> str | None:
+        """Why automatic mail must not go to `to` now, or None if it may."""
+        if not to:
+            return "no-recipient"
+        if to in self.own or self.config.is_staff(to):
+            return "own-address"
+        if store.is_undeliverable(conn, to):
+            return "undeliverable"
+        policy = self.config.policy
+        hour = _before(now, hours=1)
+        day = _before(now, hours=24)
+        if store.count_automatic_mail(conn, to, since=hour) >= policy.max_auto_replies_per_hour:
+            return "hourly-cap"
+        if store.count_automatic_mail(conn, to, since=day) >= policy.max_auto_replies_per_day:
+            return "daily-cap"
+        return None
+
+    @staticmethod
+    def inbound_refusal(record: StoredMessage) -> str | None:
+        """Why the message that caused an event must not be answered automatically."""
+        if not record.mail_from:
+            return "null-sender"  # RFC 3834 section 2: never answer a null reverse-path
+        if record.classification != Classification.NORMAL:
+            return record.classification  # auto-reply, notice, bounce, loop (and lists)
+        return None
+
+    # --- what to send --------------------------------------------------------------------
+
+    def acknowledge(
+        self,
+        conn: sqlite3.Connection,
+        ticket: int,
+        record: StoredMessage,
+        now: str,
+        references: Sequence[str] = (),
+    ) -> str | None:
+        """Queue the acknowledgement of a new ticket; returns why not, if not."""
+        why = self.inbound_refusal(record) or self.refusal(conn, record.sender, now)
+        if why is None and store.ticket_acknowledged(conn, ticket):
+            why = "already-acknowledged"  # RFC 3834 section 2: at most one per ticket
+        if why is not None:
+            return why
+        assert record.sender is not None
+        self._queue(
+            conn,
+            MailKind.ACKNOWLEDGEMENT,
+            ticket,
+            to=record.sender,
+            now=now,
+            in_reply_to=record.message_id,
+            template="acknowledgement",
+            extra={},
+            # RFC 5322 section 3.6.4: the client's References, then its Message-ID.
+            references=[*references, *([record.message_id] if record.message_id else [])],
+        )
+        store.set_acknowledged(conn, ticket)
+        return None
+
+    def staff_reply(
+        self, conn: sqlite3.Connection, ticket: int, body: str, staff: str | None, now: str
+    ) -> str | None:
+        """Queue a staff member's public reply to the ticket's requester (human mail: no
+        caps, but never to our own or an undeliverable address)."""
+        info = store.ticket_mail_info(conn, ticket)
+        to = info["requester"] if info else None
+        if not to or to in self.own or self.config.is_staff(to):
+            return "no-client"
+        if store.is_undeliverable(conn, to):
+            return "undeliverable"
+        show = self.config.staff.show_staff_address and staff
+        self._queue(
+            conn,
+            MailKind.STAFF_REPLY,
+            ticket,
+            to=to,
+            now=now,
+            in_reply_to=None,
+            template="staff_reply",
+            extra={"body": body, "staff_name": staff if show else ""},
+            automatic=False,
+        )
+        return None
+
+    def status_change(
+        self, conn: sqlite3.Connection, ticket: int, old: str, new: str, now: str
+    ) -> str | None:
+        solved = new == "solved" and old != "solved"
+        reopened = new == "open" and old in ("solved", "closed")
+        if not (solved or reopened):
+            return "not-notified"
+        info = store.ticket_mail_info(conn, ticket)
+        to = info["requester"] if info else None
+        why = self.refusal(conn, to, now)
+        if why is not None:
+            return why
+        assert to is not None
+        self._queue(
+            conn,
+            MailKind.STATUS_CHANGE,
+            ticket,
+            to=to,
+            now=now,
+            in_reply_to=None,
+            template="status_change",
+            extra={"old_status": old, "new_status": new},
+        )
+        return None
+
+    def tell_admins(
+        self, conn: sqlite3.Connection, kind: MailKind, context: Mapping[str, object], now: str
+    ) -> int:
+        """Queue a notice to every configured admin (within the caps); returns how many."""
+        template = "quarantine_notice" if kind is MailKind.QUARANTINE_NOTICE else "loop_notice"
+        queued = 0
+        for admin in self.config.staff.admins:
+            if self._admin_refusal(conn, admin, now) is not None:
+                continue
+            self._queue(
+                conn,
+                kind,
+                None,
+                to=admin,
+                now=now,
+                in_reply_to=None,
+                template=template,
+                extra=dict(context),
+            )
+            queued += 1
+        return queued
+
+    def _admin_refusal(self, conn: sqlite3.Connection, admin: str, now: str) -> str | None:
+        policy = self.config.policy
+        if store.count_automatic_mail(conn, admin, since=_before(now, hours=1)) >= (
+            policy.max_auto_replies_per_hour
+        ):
+            return "hourly-cap"
+        return None
+
+    # --- building and queueing -----------------------------------------------------------
+
+    def _mailbox(self, address: str | None) -> MailboxConfig:
+        for mailbox in self.config.mailboxes:
+            if mailbox.address == address:
+                return mailbox
+        return self.config.mailboxes[0]
+
+    def _queue(
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        ticket: int | None,
+        *,
+        to: str,
+        now: str,
+        in_reply_to: str | None,
+        template: str,
+        extra: Mapping[str, object],
+        automatic: bool = True,
+        references: Sequence[str] | None = None,
+    ) -> None:
+        info = store.ticket_mail_info(conn, ticket) if ticket is not None else None
+        mailbox = self._mailbox(info["mailbox"] if info else None)
+        reply_to = mailbox.address
+        chain = list(references or [])
+        context: dict[str, object] = {
+            "desk": mailbox.desk,
+            "mailbox": mailbox.address,
+            "recipient": to,
+            "recipient_name": "",
+        }
+        if info is not None and ticket is not None:
+            reply_to = f"{mailbox.local_part}+{make_token(self.secret, ticket)}@{mailbox.domain}"
+            if references is None:
+                chain = info["message_ids"][-MAX_REFERENCES:]
+            in_reply_to = in_reply_to or (chain[-1] if chain else None)
+            context["ticket"] = {
+                "number": ticket,
+                "tag": self.tag.format(ticket),
+                "subject": info["subject"],
+                "status": info["status"],
+            }
+        context["reply_address"] = reply_to
+        context.update(extra)
+        rendered = self.templates.render(template, context)
+        subject = sanitise_header(rendered.subject, MAX_SUBJECT)
+        if ticket is not None:
+            subject = sanitise_header(self.tag.add(subject, ticket), MAX_SUBJECT)
+        message_id = new_message_id(self.config.smtp.hostname, ticket)
+        date = datetime.fromisoformat(now)
+        sender = Address(display_name=sanitise_header(mailbox.desk, 80), addr_spec=mailbox.address)
+        if kind is MailKind.STAFF_REPLY and extra.get("staff_name"):
+            name = sanitise_header(f"{extra['staff_name']} ({mailbox.desk})", 80)
+            sender = Address(display_name=name, addr_spec=mailbox.address)
+        raw = build_mail(
+            sender=sender,
+            to=to,
+            subject=subject,
+            rendered=rendered,
+            message_id=message_id,
+            date=date,
+            hostname=self.config.smtp.hostname,
+            reply_to=reply_to,
+            in_reply_to=in_reply_to,
+            references=chain[-MAX_REFERENCES:],
+            auto_submitted=_AUTO_SUBMITTED.get(kind) if automatic else None,
+        )
+        outgoing = Outgoing(
+            kind=kind,
+            automatic=automatic,
+            to=to,
+            subject=subject,
+            message_id=message_id,
+            mail_from="" if automatic else mailbox.address,
+            raw=raw,
+            text=rendered.text,
+            from_header=str(sender),
+            ticket=ticket,
+        )
+        self._store(conn, outgoing, now)
+
+    def _store(self, conn: sqlite3.Connection, mail: Outgoing, now: str) -> None:
+        record = StoredMessage(
+            queue_id=f"out-{secrets.token_hex(8)}",
+            received_at=now,
+            mail_from=mail.mail_from,
+            rcpt_to=(mail.to,),
+            peer="",
+            helo="",
+            raw=mail.raw,
+            sha256=hashlib.sha256(mail.raw).hexdigest(),
+            message_id=mail.message_id,
+            from_header=mail.from_header,
+            subject=mail.subject,
+            date_header=None,
+            malformed=None,
+            defects=(),
+            direction="out",
+            sender=None,
+            classification="auto-reply" if mail.automatic else "normal",
+            reasons=(mail.kind.value,),
+            text=mail.text,
+        )
+        kind = MessageKind.STAFF if mail.kind is MailKind.STAFF_REPLY else MessageKind.AUTO_REPLY
+        row = store.insert_message(conn, record, Filing(mail.ticket, kind, "outgoing"))
+        store.queue_mail(
+            conn,
+            message_row=row,
+            ticket=mail.ticket,
+            kind=mail.kind.value,
+            automatic=mail.automatic,
+            mail_from=mail.mail_from,
+            rcpt_to=mail.to,
+            subject=mail.subject,
+            message_id=mail.message_id,
+            now=now,
+        )
+        store.record_event(
+            conn,
+            time=now,
+            actor="gateway",
+            action="mail.queued",
+            subject=f"message:{row}",
+            ticket=mail.ticket,
+            detail={"kind": mail.kind.value, "to": mail.to, "message_id": mail.message_id},
+        )
+
+
+_AUTO_SUBMITTED = {
+    MailKind.ACKNOWLEDGEMENT: "auto-replied",
+    MailKind.STATUS_CHANGE: "auto-generated",
+    MailKind.QUARANTINE_NOTICE: "auto-generated",
+    MailKind.LOOP_NOTICE: "auto-generated",
+}
+
+
+def _before(now: str, *, hours: int) -> str:
+    return (datetime.fromisoformat(now) - timedelta(hours=hours)).isoformat(timespec="microseconds")
+
+
+def describe(reasons: Sequence[str]) -> str:
+    return json.dumps(list(reasons))

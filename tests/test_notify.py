@@ -1,0 +1,384 @@
+"""Outgoing mail through real SMTP: acknowledgements, staff replies, status notices, and
+every guard that keeps the desk from writing to anyone it must not (RELIABILITY 37-42).
+
+These tests read the planned mail from the database (the transactional outbox): what is
+queued there is exactly what the delivery worker sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import subprocess
+import sys
+from contextlib import closing
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from gateway import store
+from gateway.app import Gateway
+from gateway.config import Config
+
+from .conftest import RawClient, make_message, rows, send_raw_message, wait_for
+
+STAFF = '[staff]\naddresses = ["dana@example.org"]\nadmins = ["admin@example.org"]'
+
+
+@pytest.fixture
+def config(make_config: Any) -> Config:
+    cfg: Config = make_config(extra=STAFF)
+    return cfg
+
+
+async def send(
+    gateway: Gateway,
+    message: bytes,
+    sender: str = "alice@client.example.com",
+    to: str = "support@example.org",
+) -> None:
+    await aiosmtplib.send(
+        message, sender=sender, recipients=[to], hostname="127.0.0.1", port=gateway.port
+    )
+
+
+async def send_null(gateway: Gateway, message: bytes) -> None:
+    client = await RawClient.connect(gateway.port)
+    try:
+        code, text = await send_raw_message(client, message, mail_from="")
+    finally:
+        await client.close()
+    assert code == 250, text
+
+
+def outbox(config: Config, kind: str | None = None) -> list[dict[str, Any]]:
+    sql = """
+        SELECT o.*, r.raw FROM outbox o JOIN message_raw r ON r.message = o.message
+        {where} ORDER BY o.id
+    """
+    if kind:
+        return [dict(r) for r in rows(config, sql.format(where="WHERE o.kind = ?"), (kind,))]
+    return [dict(r) for r in rows(config, sql.format(where=""))]
+
+
+def parsed(row: dict[str, Any]) -> EmailMessage:
+    message = email.message_from_bytes(bytes(row["raw"]), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def body_text(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None
+    content = part.get_content()
+    assert isinstance(content, str)
+    return content
+
+
+def status_of(config: Config, number: int) -> str:
+    [row] = rows(config, "SELECT status FROM tickets WHERE number = ?", (number,))
+    return str(row["status"])
+
+
+async def test_new_request_gets_exactly_one_acknowledgement(
+    config: Config, gateway: Gateway
+) -> None:
+    request = make_message(
+        subject="Invoice export fails",
+        message_id="<req1@client.example.com>",
+        headers="References: <older@client.example.com>\r\n",
+        body="SECRET-BODY-LINE please do not quote me\r\n",
+    )
+    await send(gateway, request)
+    [ack] = outbox(config)
+    assert (ack["kind"], ack["ticket"], ack["rcpt_to"]) == (
+        "acknowledgement",
+        1,
+        "alice@client.example.com",
+    )
+    assert ack["mail_from"] == ""  # RFC 3834 section 3.3: the null envelope sender
+    message = parsed(ack)
+    assert message.get_all("To") == ["alice@client.example.com"]
+    assert message["From"].addresses[0].addr_spec == "support@example.org"
+    reply_to = message["Reply-To"].addresses[0].addr_spec
+    assert reply_to.startswith("support+t1-") and reply_to.endswith("@example.org")
+    assert "[#1]" in message["Subject"] and "Invoice export fails" in message["Subject"]
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert message["X-Auto-Response-Suppress"] == "All"
+    assert message["Precedence"] == "bulk"
+    assert message["In-Reply-To"] == "<req1@client.example.com>"
+    assert message["References"].split() == [
+        "<older@client.example.com>",
+        "<req1@client.example.com>",
+    ]
+    assert message["Message-ID"] == ack["message_id"]
+    assert message["Message-ID"].endswith("@support.example.org>")
+    assert "SECRET-BODY-LINE" not in bytes(ack["raw"]).decode("utf-8", "replace")
+    assert "[#1]" in body_text(message) or "#1" in body_text(message)
+    assert message.get_body(preferencelist=("html",)) is not None
+    # A second message on the same ticket earns no second acknowledgement.
+    await send(gateway, make_message(subject="Re: [#1] Invoice export fails"))
+    assert len(outbox(config)) == 1
+
+
+async def test_acknowledgement_is_written_to_the_outbox_directory(
+    config: Config, gateway: Gateway
+) -> None:
+    await send(gateway, make_message())
+    folder = config.outbox_path
+    files = await wait_for(lambda: sorted(folder.glob("*.eml")), timeout=15)
+    [ack] = outbox(config)
+    assert files[0].read_bytes() == bytes(ack["raw"])
+    await wait_for(lambda: outbox(config)[0]["status"] == "sent", timeout=15)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Auto-Submitted: auto-replied\r\n",
+        "Auto-Submitted: auto-generated\r\n",
+        "Auto-Submitted: auto-notified\r\n",
+        "Precedence: bulk\r\n",
+        "Precedence: list\r\n",
+        "Precedence: junk\r\n",
+        "List-Id: <users.lists.example.com>\r\n",
+        "List-Unsubscribe: <mailto:leave@lists.example.com>\r\n",
+        "X-Auto-Response-Suppress: All\r\n",
+        "X-Auto-Response-Suppress: OOF\r\n",
+        "Content-Type: multipart/report; report-type=disposition-notification; boundary=x\r\n",
+    ],
+)
+async def test_automatic_mail_is_never_answered(
+    config: Config, gateway: Gateway, headers: str
+) -> None:
+    # RELIABILITY 37/38: stored, no acknowledgement (here it also opens no ticket).
+    message = make_message(headers=headers)
+    if "multipart/report" in headers:
+        message = message.replace(b"Content-Type: text/plain; charset=utf-8\r\n", b"")
+    await send(gateway, message)
+    assert outbox(config) == []
+    assert rows(config, "SELECT id FROM messages")
+
+
+async def test_auto_submitted_no_is_answered(config: Config, gateway: Gateway) -> None:
+    await send(gateway, make_message(headers="Auto-Submitted: no\r\n"))
+    assert [r["kind"] for r in outbox(config)] == ["acknowledgement"]
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "MAILER-DAEMON@client.example.com",
+        "postmaster@client.example.com",
+        "users-request@client.example.com",
+        "owner-users@client.example.com",
+    ],
+)
+async def test_robot_senders_are_never_answered(
+    config: Config, gateway: Gateway, sender: str
+) -> None:
+    await send(gateway, make_message(sender=sender), sender=sender)
+    assert outbox(config) == []
+
+
+async def test_null_sender_is_never_answered(config: Config, gateway: Gateway) -> None:
+    await send_null(gateway, make_message())
+    assert outbox(config) == []
+
+
+async def test_our_own_address_is_never_answered(config: Config, gateway: Gateway) -> None:
+    # RELIABILITY 39: mail "from" our own support address is a loop: refused, never answered.
+    with pytest.raises(aiosmtplib.SMTPDataError) as info:
+        await send(gateway, make_message(sender="support@example.org"), sender="x@x.example")
+    assert info.value.code == 554
+    assert outbox(config) == []
+
+
+async def test_quarantined_sender_is_never_answered_but_admins_are_told(
+    config: Config, gateway: Gateway
+) -> None:
+    await send(gateway, make_message(sender="eve@stranger.example.net"), "eve@stranger.example.net")
+    mail = outbox(config)
+    assert [m["rcpt_to"] for m in mail] == ["admin@example.org"]
+    assert mail[0]["kind"] == "quarantine-notice"
+    notice = parsed(mail[0])
+    assert "eve@stranger.example.net" in body_text(notice)
+    assert notice["Auto-Submitted"] == "auto-generated"
+
+
+async def test_undeliverable_address_is_never_answered(config: Config, gateway: Gateway) -> None:
+    # As a bounce of our earlier mail to Alice would have left it.
+    with closing(store.connect(config.database_path)) as conn:
+        conn.execute(
+            "INSERT INTO undeliverable (address, reason, updated_at) VALUES (?, 'test', ?)",
+            ("alice@client.example.com", "2026-11-27T00:00:00+00:00"),
+        )
+    await send(gateway, make_message())
+    assert outbox(config) == []
+    [withheld] = rows(config, "SELECT detail FROM events WHERE action = 'mail.withheld'")
+    assert "undeliverable" in withheld["detail"]
+
+
+async def test_hourly_cap_per_recipient(config: Config, gateway: Gateway) -> None:
+    for i in range(7):
+        await send(gateway, make_message(subject=f"request {i}"))
+    acks = outbox(config, "acknowledgement")
+    assert len(acks) == 5  # max_auto_replies_per_hour
+    assert len(rows(config, "SELECT number FROM tickets")) == 7
+
+
+async def test_ping_pong_with_another_helpdesk_stops(make_config: Any, start_gateway: Any) -> None:
+    # RELIABILITY 40: a peer that answers every mail with a new one, without marking its
+    # mail as automatic. Our acknowledgements stop at the cap; past 20 inbound mails an
+    # hour the peer's mail is held as a loop, and the admins are told once.
+    config = make_config(extra=STAFF)
+    gateway = await start_gateway(config)
+    peer = "helpdesk@other.example.net"
+    for i in range(25):
+        await send(gateway, make_message(subject=f"Ticket {i} received", sender=peer), peer)
+    acks = [m for m in outbox(config) if m["rcpt_to"] == peer]
+    assert len(acks) <= 5
+    held = rows(config, "SELECT reasons FROM quarantine WHERE status = 'held'")
+    assert len(held) == 5 and all('"loop"' in r["reasons"] for r in held)
+    notices = outbox(config, "loop-notice")
+    assert [n["rcpt_to"] for n in notices] == ["admin@example.org"]
+
+
+async def test_hostile_subject_cannot_add_a_header(config: Config, gateway: Gateway) -> None:
+    # RELIABILITY 42: encoded line breaks of every kind, and 10 KB of subject.
+    hostile = "Hi\nBcc: victim@example.net\r\nX-Evil: 1\u2028Y: 2\x85Z: 3 " + "x" * 10_000
+    # Folded into encoded-words of 40 characters, as a mail program would send it.
+    words = [
+        "=?utf-8?b?" + base64.b64encode(hostile[i : i + 40].encode()).decode() + "?="
+        for i in range(0, len(hostile), 40)
+    ]
+    subject = "\r\n ".join(words)
+    await send(gateway, make_message(subject=subject))
+    [ack] = outbox(config)
+    message = parsed(ack)
+    assert message["Bcc"] is None and message["X-Evil"] is None
+    assert "\n" not in message["Subject"] and len(message["Subject"]) <= 120
+    names = [name.lower() for name in message.keys()]
+    assert names.count("to") == 1
+    expected = {
+        "from",
+        "to",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "auto-submitted",
+        "x-auto-response-suppress",
+        "precedence",
+        "x-gateway-loop",
+        "content-type",
+        "mime-version",
+    }
+    assert set(names) <= expected
+
+
+async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
+    config: Config, gateway: Gateway
+) -> None:
+    await send(gateway, make_message(subject="Printer", message_id="<req@client.example.com>"))
+    [ack] = outbox(config)
+    ack_id = ack["message_id"]
+    # Staff answer by replying to the acknowledgement.
+    staff = make_message(
+        subject="Re: [#1] Printer",
+        sender="dana@example.org",
+        headers=f"In-Reply-To: {ack_id}\r\n",
+        body="Please restart it.\r\n\r\n-- \r\nDana\r\n",
+    )
+    await send(gateway, staff, sender="dana@example.org")
+    assert status_of(config, 1) == "pending"
+    [reply] = outbox(config, "staff-reply")
+    assert reply["rcpt_to"] == "alice@client.example.com"
+    assert reply["mail_from"] == "support@example.org"  # human mail: bounces come back
+    message = parsed(reply)
+    assert "Please restart it." in body_text(message)
+    assert message["Auto-Submitted"] is None
+    assert "dana@example.org" not in bytes(reply["raw"]).decode()
+    reply_to = message["Reply-To"].addresses[0].addr_spec
+
+    # The client answers to the Reply-To (token) address...
+    await send(gateway, make_message(subject="thanks"), to=reply_to)
+    assert status_of(config, 1) == "open"
+    # ...or from another program that keeps only References.
+    await send(
+        gateway,
+        make_message(subject="something else", headers=f"References: {reply['message_id']}\r\n"),
+    )
+    counts = rows(
+        config, "SELECT COUNT(*) AS n FROM messages WHERE ticket = 1 AND direction = 'in'"
+    )
+    assert counts[0]["n"] == 4
+    assert len(rows(config, "SELECT number FROM tickets")) == 1
+
+
+async def test_staff_note_is_never_sent(config: Config, gateway: Gateway) -> None:
+    await send(gateway, make_message(subject="Printer", message_id="<req@client.example.com>"))
+    note = make_message(
+        subject="Re: [#1] Printer",
+        sender="dana@example.org",
+        headers="In-Reply-To: <req@client.example.com>\r\n",
+        body="#note the client is on the old firmware\r\n",
+    )
+    await send(gateway, note, sender="dana@example.org")
+    assert outbox(config, "staff-reply") == []
+    [kind] = rows(config, "SELECT kind FROM messages WHERE sender = 'dana@example.org'")
+    assert kind["kind"] == "note"
+
+
+def run_cli(config: Config, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def cli(config: Config, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(run_cli, config, *args, stdin=stdin)
+
+
+async def test_cli_reply_and_status_notify_the_client(config: Config, gateway: Gateway) -> None:
+    await send(gateway, make_message(subject="Printer"))
+    replied = await cli(
+        config, "tickets", "reply", "1", "--from", "dana@example.org", stdin="Fixed it.\n"
+    )
+    assert replied.returncode == 0, replied.stderr
+    assert status_of(config, 1) == "pending"
+    [reply] = outbox(config, "staff-reply")
+    assert "Fixed it." in body_text(parsed(reply))
+
+    stranger = await cli(config, "tickets", "reply", "1", "--from", "eve@x.example", stdin="x")
+    assert stranger.returncode == 1 and "not a staff address" in stranger.stderr
+
+    solved = await cli(config, "tickets", "status", "1", "solved")
+    assert solved.returncode == 0, solved.stderr
+    [notice] = outbox(config, "status-change")
+    assert parsed(notice)["Auto-Submitted"] == "auto-generated"
+    assert "[#1]" in notice["subject"]
+
+    quiet = await cli(config, "tickets", "status", "1", "pending")
+    assert quiet.returncode == 0 and len(outbox(config, "status-change")) == 1
+    reopened = await cli(config, "tickets", "status", "1", "open")
+    assert reopened.returncode == 0 and len(outbox(config, "status-change")) == 1
+    await cli(config, "tickets", "status", "1", "solved")
+    await cli(config, "tickets", "status", "1", "open")
+    assert len(outbox(config, "status-change")) == 3  # solved, solved, reopened
+    missing = await cli(config, "tickets", "status", "99", "open")
+    assert missing.returncode == 1 and "no ticket #99" in missing.stderr
+    note = await cli(
+        config, "tickets", "reply", "1", "--from", "dana@example.org", stdin="#note internal"
+    )
+    assert note.returncode == 0 and len(outbox(config, "staff-reply")) == 1
