@@ -294,6 +294,8 @@ class Pipeline:
         except store.StoreError as exc:
             event("message.tempfail", logging.ERROR, queue_id=queue_id, reason="store", error=exc)
             return IntakeResult(IntakeStatus.TEMPFAIL, queue_id, "store")
+        if outcome.row_id is not None:
+            self.mail_queued()  # the outbox worker looks now, not at its next poll
         return self._result(queue_id, parsed, verdict, outcome)
 
     async def _authenticate(

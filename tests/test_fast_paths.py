@@ -199,10 +199,8 @@ def test_simple_from_agrees_on_generated_values() -> None:
             word(string.ascii_letters + string.digits + "-") for _ in range(rng.randint(1, 3))
         )
         address = f"{local}@{domain}"
-        form = rng.randint(0, 2)
-        text = [address, f"<{address}>", " ".join(word() for _ in range(3)) + f" <{address}>"][
-            form
-        ]
+        named = " ".join(word() for _ in range(rng.randint(1, 4))) + f" <{address}>"
+        text = rng.choice([address, f"<{address}>", named])
         if rng.random() < 0.5:
             chars = list(text)
             chars.insert(rng.randint(0, len(chars)), rng.choice(NOISE))

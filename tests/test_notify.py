@@ -382,3 +382,54 @@ async def test_cli_reply_and_status_notify_the_client(config: Config, gateway: G
         config, "tickets", "reply", "1", "--from", "dana@example.org", stdin="#note internal"
     )
     assert note.returncode == 0 and len(outbox(config, "staff-reply")) == 1
+
+
+async def test_end_to_end_through_a_real_relay(
+    make_config: Any, start_gateway: Any, relay: Any
+) -> None:
+    """SMTP in, a real SMTP relay out: the acknowledgement as delivered, a staff reply
+    reaching the client, and the client's answers threading back (by token, and by
+    References alone)."""
+    r = await relay()
+    delivery = (
+        f'\n[delivery]\nmode = "smtp"\nrelay_host = "127.0.0.1"\nrelay_port = {r.port}\n'
+        "timeout = 5\npoll_interval = 3600\n"
+    )
+    config = make_config(extra=STAFF + delivery)
+    gateway = await start_gateway(config, relay_tls_context=r.client_tls_context())
+
+    await send(gateway, make_message(subject="Printer", message_id="<req@client.example.com>"))
+    await wait_for(lambda: len(r.messages) == 1, timeout=15)
+    [delivered] = r.messages
+    assert delivered.tls and delivered.mail_from == "<>"
+    assert delivered.rcpt_tos == ("alice@client.example.com",)
+    ack = email.message_from_bytes(delivered.data, policy=email.policy.default)
+    assert ack["Auto-Submitted"] == "auto-replied" and "[#1]" in ack["Subject"]
+    assert ack["In-Reply-To"] == "<req@client.example.com>"
+    reply_to = ack["Reply-To"].addresses[0].addr_spec
+
+    staff = make_message(
+        subject="Re: [#1] Printer",
+        sender="dana@example.org",
+        headers=f"In-Reply-To: {ack['Message-ID']}\r\n",
+        body="Please restart it.\r\n",
+    )
+    await send(gateway, staff, sender="dana@example.org")
+    await wait_for(lambda: len(r.messages) == 2, timeout=15)
+    answer = email.message_from_bytes(r.messages[1].data, policy=email.policy.default)
+    assert r.messages[1].rcpt_tos == ("alice@client.example.com",)
+    assert r.messages[1].mail_from == "support@example.org"
+    assert isinstance(answer, EmailMessage) and "Please restart it." in body_text(answer)
+
+    await send(gateway, make_message(subject="thanks, by token"), to=reply_to)
+    await send(
+        gateway,
+        make_message(subject="by references", headers=f"References: {answer['Message-ID']}\r\n"),
+    )
+    counts = rows(
+        config, "SELECT COUNT(*) AS n FROM messages WHERE ticket = 1 AND direction = 'in'"
+    )
+    assert counts[0]["n"] == 4
+    assert len(rows(config, "SELECT number FROM tickets")) == 1
+    assert status_of(config, 1) == "open"
+    assert {row["status"] for row in outbox(config)} == {"sent"}
