@@ -313,9 +313,14 @@ def make_body(size: int) -> bytes:
     return line * lines
 
 
-def make_message(tag: str, body: bytes) -> bytes:
+def sender_of(index: int, senders: int) -> str:
+    """The envelope and From address of message `index` when the load comes from `senders`."""
+    return MAIL_FROM if senders == 1 else f"client{index % senders}@client.example.com"
+
+
+def make_message(tag: str, body: bytes, sender: str = MAIL_FROM) -> bytes:
     head = (
-        f"From: Alice Example <{MAIL_FROM}>\r\n"
+        f"From: Alice Example <{sender}>\r\n"
         f"To: {RCPT_TO}\r\n"
         f"Subject: Bench {tag}\r\n"
         f"Message-ID: <{tag}@bench.client.example.com>\r\n"
@@ -356,8 +361,8 @@ class Connection:
         self.writer.write(line)
         return await self.expect(code)
 
-    async def send(self, message: bytes) -> None:
-        await self.command(b"MAIL FROM:<" + MAIL_FROM.encode() + b">\r\n", b"250")
+    async def send(self, message: bytes, sender: str = MAIL_FROM) -> None:
+        await self.command(b"MAIL FROM:<" + sender.encode() + b">\r\n", b"250")
         await self.command(b"RCPT TO:<" + RCPT_TO.encode() + b">\r\n", b"250")
         await self.command(b"DATA\r\n", b"354")
         await self.command(message, b"250")
@@ -405,10 +410,19 @@ class LoadResult:
 
 
 async def drive(
-    port: int, messages: int, concurrency: int, per_connection: int, body: bytes, run: str
+    port: int,
+    messages: int,
+    concurrency: int,
+    per_connection: int,
+    body: bytes,
+    run: str,
+    senders: int = 1,
 ) -> LoadResult:
     """Send `messages` messages over `concurrency` connections; all bodies prebuilt."""
-    payloads = [make_message(f"{run}.{i}", body) for i in range(messages)]
+    payloads = [
+        (sender_of(i, senders), make_message(f"{run}.{i}", body, sender_of(i, senders)))
+        for i in range(messages)
+    ]
     next_index = 0
     latencies: list[float] = []
     failures = 0
@@ -425,10 +439,10 @@ async def drive(
                 for _ in range(per_connection):
                     if next_index >= messages:
                         break
-                    payload = payloads[next_index]
+                    sender, payload = payloads[next_index]
                     next_index += 1
                     started = time.perf_counter()
-                    await connection.send(payload)
+                    await connection.send(payload, sender)
                     latencies.append(time.perf_counter() - started)
             except (SmtpFailure, OSError):
                 failures += 1
@@ -452,7 +466,9 @@ async def measure(
     server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
     parts = server.cpu_parts()
     machine = machine_busy_seconds()
-    result = await drive(server.port, args.messages, level, args.messages_per_connection, body, run)
+    result = await drive(
+        server.port, args.messages, level, args.messages_per_connection, body, run, args.senders
+    )
     result.server_cpu = server.cpu_seconds() - server_cpu
     result.server_parts = {
         name: max(0.0, seconds - parts.get(name, 0.0))
@@ -528,14 +544,12 @@ def print_table(rows: Sequence[Row], say: Callable[[str], None]) -> None:
             f"{gw.cpu_per_message(gw.client_cpu):>6.2f}"
         )
     say("")
-    say(f"{'conc':>5}  gateway CPU ms/msg: {'loop':>5} {'writer':>6} {'workers':>7}   bare: loop")
+    say(f"{'conc':>5}  gateway CPU ms/msg by part: {'loop':>5} {'writer':>6} {'workers':>7}")
     for row in rows:
-        gw, per = row.gateway.server_parts, row.gateway.cpu_per_message
-        bare_loop = row.bare.cpu_per_message(row.bare.server_parts.get("loop", 0.0))
+        parts, per = row.gateway.server_parts, row.gateway.cpu_per_message
         say(
-            f"{row.concurrency:>5}  {'':>19}{per(gw.get('loop', 0.0)):>5.2f} "
-            f"{per(gw.get('threads', 0.0)):>6.2f} {per(gw.get('children', 0.0)):>7.2f}"
-            f"   {bare_loop:>10.2f}"
+            f"{row.concurrency:>5}  {'':>27}{per(parts.get('loop', 0.0)):>5.2f} "
+            f"{per(parts.get('threads', 0.0)):>6.2f} {per(parts.get('children', 0.0)):>7.2f}"
         )
 
 
@@ -568,11 +582,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 raise outcome
         say(
             f"bench/intake: {args.messages} messages of ~{len(body)} bytes per level, "
-            f"{args.messages_per_connection} per connection; {os.cpu_count()} CPUs"
+            f"{args.messages_per_connection} per connection, {args.senders} sender(s); "
+            f"{os.cpu_count()} CPUs"
         )
         # Warm up both (imports, parser workers, SQLite page cache) outside the figures.
         for server in (bare, gateway):
-            warm = await drive(server.port, 100, 8, args.messages_per_connection, body, "warm")
+            warm = await drive(
+                server.port, 100, 8, args.messages_per_connection, body, "warm", args.senders
+            )
             if server is gateway:
                 acknowledged += warm.messages
         for level in levels:
@@ -617,6 +634,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "messages": args.messages,
         "size": len(body),
         "messages_per_connection": args.messages_per_connection,
+        "senders": args.senders,
         "repeat": args.repeat,
         "cpus": os.cpu_count(),
         "rows": [row.as_dict() for row in rows],
@@ -655,6 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--messages-per-connection", type=positive, default=20, help="before QUIT (20)"
     )
     parser.add_argument("--size", type=positive, default=1024, help="body bytes (1024)")
+    parser.add_argument(
+        "--senders",
+        type=positive,
+        default=1,
+        help="distinct senders (MAIL FROM and From), round robin (1: all from alice@)",
+    )
     parser.add_argument(
         "--repeat", type=positive, default=1, help="runs per level and server; the median counts"
     )

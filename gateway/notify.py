@@ -10,8 +10,8 @@ header we write may carry a line break from the sender's words (CVE-2024-6923).
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
-import hashlib
 import json
 import re
 import secrets
@@ -68,20 +68,6 @@ def new_message_id(hostname: str, ticket: int | None) -> str:
     threading trusts only IDs we stored, never the number written in one."""
     where = f"t{ticket}" if ticket is not None else "n"
     return f"<gw.{where}.{secrets.token_hex(10)}@{hostname}>"
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    kind: MailKind
-    automatic: bool
-    to: str
-    subject: str
-    message_id: str
-    mail_from: str  # the envelope sender: "" for automatic mail (RFC 3834 section 3.3)
-    raw: bytes
-    text: str
-    from_header: str
-    ticket: int | None
 
 
 def build_mail(
@@ -318,77 +304,76 @@ class Planner:
             }
         context["reply_address"] = reply_to
         context.update(extra)
-        rendered = self.templates.render(template, context)
-        subject = sanitise_header(rendered.subject, MAX_SUBJECT)
+        # Only the subject is rendered now; the mail itself is built by the delivery
+        # worker from this spec, so building MIME never runs inside the intake transaction.
+        subject = sanitise_header(self.templates.render_subject(template, context), MAX_SUBJECT)
         if ticket is not None:
             subject = sanitise_header(self.tag.add(subject, ticket), MAX_SUBJECT)
-        message_id = new_message_id(self.config.smtp.hostname, ticket)
-        date = datetime.fromisoformat(now)
-        sender = Address(display_name=sanitise_header(mailbox.desk, 80), addr_spec=mailbox.address)
+        display = mailbox.desk
         if kind is MailKind.STAFF_REPLY and extra.get("staff_name"):
-            name = sanitise_header(f"{extra['staff_name']} ({mailbox.desk})", 80)
-            sender = Address(display_name=name, addr_spec=mailbox.address)
-        raw = build_mail(
-            sender=sender,
+            display = f"{extra['staff_name']} ({mailbox.desk})"
+        sender = Address(display_name=sanitise_header(display, 80), addr_spec=mailbox.address)
+        spec = MailSpec(
+            template=template,
+            context=context,
+            sender_name=sender.display_name,
+            sender=mailbox.address,
             to=to,
             subject=subject,
-            rendered=rendered,
-            message_id=message_id,
-            date=date,
+            message_id=new_message_id(self.config.smtp.hostname, ticket),
+            date=now,
             hostname=self.config.smtp.hostname,
             reply_to=reply_to,
             in_reply_to=in_reply_to,
-            references=chain[-MAX_REFERENCES:],
+            references=tuple(chain[-MAX_REFERENCES:]),
             auto_submitted=_AUTO_SUBMITTED.get(kind) if automatic else None,
         )
-        outgoing = Outgoing(
-            kind=kind,
-            automatic=automatic,
-            to=to,
-            subject=subject,
-            message_id=message_id,
-            mail_from="" if automatic else mailbox.address,
-            raw=raw,
-            text=rendered.text,
-            from_header=str(sender),
-            ticket=ticket,
-        )
-        self._store(conn, outgoing, now)
+        self._store(conn, kind, ticket, automatic, spec, str(sender), now)
 
-    def _store(self, conn: sqlite3.Connection, mail: Outgoing, now: str) -> None:
+    def _store(
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        ticket: int | None,
+        automatic: bool,
+        spec: MailSpec,
+        from_header: str,
+        now: str,
+    ) -> None:
+        mail_from = "" if automatic else spec.sender
         record = StoredMessage(
             queue_id=f"out-{secrets.token_hex(8)}",
             received_at=now,
-            mail_from=mail.mail_from,
-            rcpt_to=(mail.to,),
+            mail_from=mail_from,
+            rcpt_to=(spec.to,),
             peer="",
             helo="",
-            raw=mail.raw,
-            sha256=hashlib.sha256(mail.raw).hexdigest(),
-            message_id=mail.message_id,
-            from_header=mail.from_header,
-            subject=mail.subject,
+            raw=b"",
+            sha256="",
+            message_id=spec.message_id,
+            from_header=from_header,
+            subject=spec.subject,
             date_header=None,
             malformed=None,
             defects=(),
             direction="out",
-            sender=None,
-            classification="auto-reply" if mail.automatic else "normal",
-            reasons=(mail.kind.value,),
-            text=mail.text,
+            classification="auto-reply" if automatic else "normal",
+            reasons=(kind.value,),
         )
-        kind = MessageKind.STAFF if mail.kind is MailKind.STAFF_REPLY else MessageKind.AUTO_REPLY
-        row = store.insert_message(conn, record, Filing(mail.ticket, kind, "outgoing"))
+        message_kind = MessageKind.STAFF if kind is MailKind.STAFF_REPLY else MessageKind.AUTO_REPLY
+        row = store.insert_planned_mail(
+            conn, record, Filing(ticket, message_kind, "outgoing"), spec.to_json()
+        )
         store.queue_mail(
             conn,
             message_row=row,
-            ticket=mail.ticket,
-            kind=mail.kind.value,
-            automatic=mail.automatic,
-            mail_from=mail.mail_from,
-            rcpt_to=mail.to,
-            subject=mail.subject,
-            message_id=mail.message_id,
+            ticket=ticket,
+            kind=kind.value,
+            automatic=automatic,
+            mail_from=mail_from,
+            rcpt_to=spec.to,
+            subject=spec.subject,
+            message_id=spec.message_id,
             now=now,
         )
         store.record_event(
@@ -397,9 +382,57 @@ class Planner:
             actor="gateway",
             action="mail.queued",
             subject=f"message:{row}",
-            ticket=mail.ticket,
-            detail={"kind": mail.kind.value, "to": mail.to, "message_id": mail.message_id},
+            ticket=ticket,
+            detail={"kind": kind.value, "to": spec.to, "message_id": spec.message_id},
         )
+
+
+@dataclass(frozen=True)
+class MailSpec:
+    """Everything needed to build one planned mail, kept as JSON with its outbox row."""
+
+    template: str
+    context: Mapping[str, object]
+    sender_name: str
+    sender: str
+    to: str
+    subject: str
+    message_id: str
+    date: str
+    hostname: str
+    reply_to: str | None
+    in_reply_to: str | None
+    references: tuple[str, ...]
+    auto_submitted: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> MailSpec:
+        values = json.loads(text)
+        values["references"] = tuple(values["references"])
+        return cls(**values)
+
+
+def build_planned(templates: Templates, spec_json: str) -> tuple[bytes, str]:
+    """Build a planned mail: (its bytes, its text part). Runs in the delivery worker."""
+    spec = MailSpec.from_json(spec_json)
+    rendered = templates.render(spec.template, spec.context)
+    raw = build_mail(
+        sender=Address(display_name=spec.sender_name, addr_spec=spec.sender),
+        to=spec.to,
+        subject=spec.subject,
+        rendered=rendered,
+        message_id=spec.message_id,
+        date=datetime.fromisoformat(spec.date),
+        hostname=spec.hostname,
+        reply_to=spec.reply_to,
+        in_reply_to=spec.in_reply_to,
+        references=spec.references,
+        auto_submitted=spec.auto_submitted,
+    )
+    return raw, rendered.text
 
 
 _AUTO_SUBMITTED = {

@@ -31,6 +31,8 @@ import aiosmtplib
 from . import store
 from .config import Config
 from .logs import event
+from .notify import build_planned
+from .render import Templates
 from .store import OutboxMail, Writer
 
 log = logging.getLogger("gateway")
@@ -301,6 +303,7 @@ class OutboxWorker:
         self.delivery = config.delivery
         self.writer = writer
         self.now = now
+        self.templates = Templates(config.templates_path)
         self.tls_context = tls_context
         if tls_context is None and self.delivery.mode == "smtp" and self.delivery.starttls:
             self.tls_context = relay_tls_context(config)
@@ -404,7 +407,7 @@ class OutboxWorker:
         try:
             raw = await self._read(partial(store.read_raw, message=mail.message))
             if raw is None:
-                raise DeliveryError("the stored bytes of this mail are missing", permanent=True)
+                raw = await self._build(mail)
             await transport.send(mail, raw)
         except DeliveryError as exc:
             failure = exc
@@ -413,6 +416,22 @@ class OutboxWorker:
             failure = DeliveryError(f"{type(exc).__name__}: {exc}")
         await self._record(mail, failure)
         return failure
+
+    async def _build(self, mail: OutboxMail) -> bytes:
+        """Build a planned mail from its spec and keep the bytes before sending them, so
+        that every later attempt (and the admin) sees exactly what was sent."""
+        spec = await self._read(partial(store.mail_spec, message=mail.message))
+        if spec is None:
+            raise DeliveryError("the stored bytes of this mail are missing", permanent=True)
+        try:
+            raw, text = await asyncio.to_thread(build_planned, self.templates, spec)
+        except Exception as exc:
+            # A template or spec that cannot be built will not build on a retry either.
+            raise DeliveryError(f"cannot build the mail: {exc}", permanent=True) from exc
+        stored: bytes = await self.writer.write(
+            partial(store.store_built_mail, message=mail.message, raw=raw, text=text)
+        )
+        return stored
 
     async def _record(self, mail: OutboxMail, failure: DeliveryError | None) -> None:
         now = self.now()

@@ -246,6 +246,11 @@ class Templates:
             html=self._render_file(html_file, context),
         )
 
+    def render_subject(self, name: str, context: Mapping[str, object]) -> str:
+        """Only NAME.subject.txt, as one line: what planning needs before the mail is built."""
+        _check_context(name, context)
+        return one_line(self._render_file(template_files(name)[0], context))
+
     def check(self) -> None:
         """Check every template: it uses only what its context provides, and renders with
         the samples (and their variants); raises TemplateError on the first problem."""

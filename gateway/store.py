@@ -199,6 +199,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_by_recipient ON outbox (rcpt_to, automatic, created_at);
     CREATE INDEX outbox_by_ticket ON outbox (ticket, kind);
     """,
+    # 5: mail is built by the delivery worker, not in the intake transaction: planning
+    # keeps what to build (template, context, headers) and the worker stores the bytes
+    # it built before it sends them.
+    """
+    CREATE TABLE mail_specs (
+        message  INTEGER PRIMARY KEY REFERENCES messages (id),
+        spec     TEXT NOT NULL           -- JSON: template, context and header values
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -906,6 +915,57 @@ def add_note(conn: sqlite3.Connection, ticket: int, *, text: str, author: str, n
         detail={"message": row},
     )
     return row
+
+
+def insert_planned_mail(
+    conn: sqlite3.Connection, message: StoredMessage, filing: Filing, spec: str
+) -> int:
+    """An outgoing message whose bytes the delivery worker builds later from `spec`."""
+    cursor = conn.execute(
+        """
+        INSERT INTO messages (queue_id, received_at, mail_from, rcpt_to, peer, helo, size,
+                              sha256, message_id, from_header, subject, direction,
+                              classification, reasons, ticket, kind, threaded_via)
+        VALUES (?, ?, ?, ?, '', '', 0, '', ?, ?, ?, 'out', ?, ?, ?, ?, ?)
+        """,
+        (
+            message.queue_id,
+            message.received_at,
+            message.mail_from,
+            json.dumps(list(message.rcpt_to)),
+            message.message_id,
+            message.from_header,
+            message.subject,
+            message.classification,
+            json.dumps(list(message.reasons)),
+            filing.ticket,
+            filing.kind,
+            filing.via,
+        ),
+    )
+    row_id = cursor.lastrowid
+    assert row_id is not None
+    conn.execute("INSERT INTO mail_specs (message, spec) VALUES (?, ?)", (row_id, spec))
+    return row_id
+
+
+def mail_spec(conn: sqlite3.Connection, message: int) -> str | None:
+    row = conn.execute("SELECT spec FROM mail_specs WHERE message = ?", (message,)).fetchone()
+    return None if row is None else str(row["spec"])
+
+
+def store_built_mail(conn: sqlite3.Connection, message: int, raw: bytes, text: str) -> bytes:
+    """Keep the bytes the worker built for a planned mail; if another attempt already
+    kept some, those stand (the same mail is never sent with two different bodies)."""
+    existing = read_raw(conn, message)
+    if existing is not None:
+        return existing
+    conn.execute("INSERT INTO message_raw (message, raw) VALUES (?, ?)", (message, raw))
+    conn.execute(
+        "UPDATE messages SET size = ?, sha256 = ?, text = ? WHERE id = ?",
+        (len(raw), hashlib.sha256(raw).hexdigest(), text, message),
+    )
+    return raw
 
 
 def count_held(conn: sqlite3.Connection) -> int:

@@ -31,7 +31,8 @@ STAFF = '[staff]\naddresses = ["dana@example.org"]\nadmins = ["admin@example.org
 
 @pytest.fixture
 def config(make_config: Any) -> Config:
-    cfg: Config = make_config(extra=STAFF)
+    # Mail queued by the CLI cannot wake the daemon's worker: let it look often.
+    cfg: Config = make_config(extra=STAFF + "\n[delivery]\npoll_interval = 0.2")
     return cfg
 
 
@@ -56,13 +57,22 @@ async def send_null(gateway: Gateway, message: bytes) -> None:
 
 
 def outbox(config: Config, kind: str | None = None) -> list[dict[str, Any]]:
+    """Queued mail; `raw` is None until the delivery worker has built it."""
     sql = """
-        SELECT o.*, r.raw FROM outbox o JOIN message_raw r ON r.message = o.message
+        SELECT o.*, r.raw FROM outbox o LEFT JOIN message_raw r ON r.message = o.message
         {where} ORDER BY o.id
     """
     if kind:
         return [dict(r) for r in rows(config, sql.format(where="WHERE o.kind = ?"), (kind,))]
     return [dict(r) for r in rows(config, sql.format(where=""))]
+
+
+async def built(config: Config, kind: str | None = None) -> list[dict[str, Any]]:
+    """Queued mail once the delivery worker (woken by the commit) has built every one."""
+    return await wait_for(
+        lambda: (found := outbox(config, kind)) and all(m["raw"] for m in found) and found,
+        timeout=15,
+    )
 
 
 def parsed(row: dict[str, Any]) -> EmailMessage:
@@ -94,7 +104,7 @@ async def test_new_request_gets_exactly_one_acknowledgement(
         body="SECRET-BODY-LINE please do not quote me\r\n",
     )
     await send(gateway, request)
-    [ack] = outbox(config)
+    [ack] = await built(config)
     assert (ack["kind"], ack["ticket"], ack["rcpt_to"]) == (
         "acknowledgement",
         1,
@@ -131,7 +141,7 @@ async def test_acknowledgement_is_written_to_the_outbox_directory(
     await send(gateway, make_message())
     folder = config.outbox_path
     files = await wait_for(lambda: sorted(folder.glob("*.eml")), timeout=15)
-    [ack] = outbox(config)
+    [ack] = await built(config)
     assert files[0].read_bytes() == bytes(ack["raw"])
     await wait_for(lambda: outbox(config)[0]["status"] == "sent", timeout=15)
 
@@ -202,7 +212,7 @@ async def test_quarantined_sender_is_never_answered_but_admins_are_told(
     config: Config, gateway: Gateway
 ) -> None:
     await send(gateway, make_message(sender="eve@stranger.example.net"), "eve@stranger.example.net")
-    mail = outbox(config)
+    mail = await built(config)
     assert [m["rcpt_to"] for m in mail] == ["admin@example.org"]
     assert mail[0]["kind"] == "quarantine-notice"
     notice = parsed(mail[0])
@@ -258,7 +268,7 @@ async def test_hostile_subject_cannot_add_a_header(config: Config, gateway: Gate
     ]
     subject = "\r\n ".join(words)
     await send(gateway, make_message(subject=subject))
-    [ack] = outbox(config)
+    [ack] = await built(config)
     message = parsed(ack)
     assert message["Bcc"] is None and message["X-Evil"] is None
     assert "\n" not in message["Subject"] and len(message["Subject"]) <= 120
@@ -287,7 +297,7 @@ async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
     config: Config, gateway: Gateway
 ) -> None:
     await send(gateway, make_message(subject="Printer", message_id="<req@client.example.com>"))
-    [ack] = outbox(config)
+    [ack] = await built(config)
     ack_id = ack["message_id"]
     # Staff answer by replying to the acknowledgement.
     staff = make_message(
@@ -298,7 +308,7 @@ async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
     )
     await send(gateway, staff, sender="dana@example.org")
     assert status_of(config, 1) == "pending"
-    [reply] = outbox(config, "staff-reply")
+    [reply] = await built(config, "staff-reply")
     assert reply["rcpt_to"] == "alice@client.example.com"
     assert reply["mail_from"] == "support@example.org"  # human mail: bounces come back
     message = parsed(reply)
@@ -357,7 +367,7 @@ async def test_cli_reply_and_status_notify_the_client(config: Config, gateway: G
     )
     assert replied.returncode == 0, replied.stderr
     assert status_of(config, 1) == "pending"
-    [reply] = outbox(config, "staff-reply")
+    [reply] = await built(config, "staff-reply")
     assert "Fixed it." in body_text(parsed(reply))
 
     stranger = await cli(config, "tickets", "reply", "1", "--from", "eve@x.example", stdin="x")
@@ -365,7 +375,7 @@ async def test_cli_reply_and_status_notify_the_client(config: Config, gateway: G
 
     solved = await cli(config, "tickets", "status", "1", "solved")
     assert solved.returncode == 0, solved.stderr
-    [notice] = outbox(config, "status-change")
+    [notice] = await built(config, "status-change")
     assert parsed(notice)["Auto-Submitted"] == "auto-generated"
     assert "[#1]" in notice["subject"]
 

@@ -6,6 +6,7 @@ Tests start from an empty sender list (seed=False) and authorise exactly what th
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -421,3 +422,114 @@ async def test_bounce_with_unusable_from_joins_its_ticket(config: Config, gatewa
         for r in rows(config, "SELECT kind FROM messages WHERE ticket = 1 AND direction = 'in'")
     ]
     assert kinds[0] == "client" and kinds[1] in ("bounce", "auto-reply")
+
+
+# --- our own DKIM check, with a stub DNS (never the network) -------------------------
+
+
+class StubDns:
+    """dkimpy-shaped DNS lookup: TXT records by name, or a temporary error; records asks."""
+
+    def __init__(self, records: dict[bytes, bytes], error: BaseException | None = None) -> None:
+        self.records = records
+        self.error = error
+        self.asked: list[bytes] = []
+
+    def __call__(self, name: bytes, timeout: float) -> bytes | None:
+        self.asked.append(name)
+        if self.error is not None:
+            raise self.error
+        return self.records.get(name)
+
+
+@pytest.fixture(scope="module")
+def dkim_key() -> tuple[bytes, bytes]:
+    """(private key PEM, the TXT record acme.example publishes for selector s1)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+
+
+def signed(message: bytes, pem: bytes, *, length: bool = False) -> bytes:
+    import dkim
+
+    header = dkim.sign(
+        message,
+        b"s1",
+        b"acme.example",
+        pem,
+        include_headers=[b"from", b"to", b"subject", b"message-id"],
+        length=length,
+    )
+    assert isinstance(header, bytes)
+    return header + message
+
+
+DKIM_POLICY = "[policy]\nverify_dkim = true\nrequire_authentication = true"
+
+
+async def dkim_gateway(
+    make_config: Any, start_gateway: Any, dns: StubDns
+) -> tuple[Config, Gateway]:
+    config = make_config(extra=DKIM_POLICY)
+    gateway = await start_gateway(config, seed=False, dnsfunc=dns)
+    authorise(config, "alice@acme.example")
+    return config, gateway
+
+
+async def test_dkim_aligned_pass_files_and_acknowledges(
+    make_config: Any, start_gateway: Any, dkim_key: tuple[bytes, bytes]
+) -> None:
+    # RELIABILITY 15.
+    pem, record = dkim_key
+    dns = StubDns({b"s1._domainkey.acme.example.": record})
+    config, gateway = await dkim_gateway(make_config, start_gateway, dns)
+    await send(gateway, signed(acme(), pem))
+    assert ticket_numbers(config) == [1]
+    assert dns.asked == [b"s1._domainkey.acme.example."]
+    assert rows(config, "SELECT kind FROM outbox")[0]["kind"] == "acknowledgement"
+
+
+@pytest.mark.parametrize("how", ["unsigned", "tampered", "body-length-tag"])
+async def test_dkim_failure_quarantines_an_authorised_address(
+    make_config: Any, start_gateway: Any, dkim_key: tuple[bytes, bytes], how: str
+) -> None:
+    # RELIABILITY 16 and 23: no valid aligned signature, so Alice's address proves nothing.
+    pem, record = dkim_key
+    dns = StubDns({b"s1._domainkey.acme.example.": record})
+    config, gateway = await dkim_gateway(make_config, start_gateway, dns)
+    if how == "unsigned":
+        message = acme()
+    elif how == "tampered":
+        message = signed(acme(), pem).replace(b"the printer is on fire", b"wire the money")
+    else:
+        message = signed(acme(), pem, length=True) + b"Appended after signing.\r\n"
+    assert how == "unsigned" or b"DKIM-Signature" in message
+    await send(gateway, message)
+    [entry] = held(config)
+    assert entry["reasons"][0] == "unauthenticated"
+    assert ticket_numbers(config) == [] and rows(config, "SELECT * FROM outbox") == []
+
+
+async def test_dns_temporary_error_is_a_451_never_a_pass(
+    make_config: Any, start_gateway: Any, dkim_key: tuple[bytes, bytes]
+) -> None:
+    # RELIABILITY 20.
+    from gateway.authn import DnsTemporaryError
+
+    pem, _ = dkim_key
+    dns = StubDns({}, error=DnsTemporaryError("dns-timeout"))
+    config, gateway = await dkim_gateway(make_config, start_gateway, dns)
+    error = await refused(gateway, signed(acme(), pem))
+    assert (error.code, error.message[:5]) == (451, "4.7.0")
+    assert stored_messages(config) == []
