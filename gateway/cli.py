@@ -28,7 +28,7 @@ from . import __version__, store
 from .address import is_our_domain, match_mailbox, parse_sender
 from .config import Config, ConfigError, config_path, load_config
 from .notify import Planner
-from .render import Templates
+from .render import TemplateError, Templates
 from .tickets import Status
 
 
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(config, args)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 1
+    except TemplateError as exc:
+        print(f"gateway: template error: {exc}", file=sys.stderr)
         return 1
     except CliError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -142,12 +145,16 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    # The templates are part of the configuration: a typo must stop a deploy here, not
+    # the daemon's start (or a client's mail).
+    Templates(config.templates_path).check()
     mailboxes = ", ".join(f"{m.address} ({m.unit})" for m in config.mailboxes)
     print(f"{config.path}: ok")
     print(f"  listen    {config.smtp.protocol} on {config.smtp.host}:{config.smtp.port}")
     print(f"  database  {config.database_path}")
     print(f"  mailboxes {mailboxes}")
     print(f"  tls       {'STARTTLS offered' if config.smtp.tls_enabled else 'off'}")
+    print(f"  templates {config.templates_path} (checked)")
     return 0
 
 

@@ -164,6 +164,7 @@ def thread_facts(
         token_ticket=token_ticket,
         references=reference_order(parsed.in_reply_to, parsed.references),
         tagged=tuple(tag.find(parsed.subject)),
+        staff=config.is_staff(sender),
     )
 
 
@@ -443,19 +444,19 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
     record = intake.record
     now = record.received_at
 
+    facts = _with_sender_list(conn, intake)
+    verdict = decide(facts)
+    if verdict.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
+        return Outcome(verdict)  # nothing stored, nothing sent: no backscatter
+
     # The same message delivered twice (a crash before our 250, the sender retried) is
     # stored again, as received, but filed once, wherever the first copy went.
     if record.message_id:
         original = store.find_duplicate(conn, record.message_id, record.sha256)
         if original is not None:
             filing = Filing(None, intake.kind, Via.DUPLICATE, duplicate_of=original)
-            verdict = Verdict(Disposition.FILE, Reason.DUPLICATE, ())
-            return Outcome(verdict, store.insert_message(conn, record, filing), filing)
-
-    facts = _with_sender_list(conn, intake)
-    verdict = decide(facts)
-    if verdict.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
-        return Outcome(verdict)  # nothing stored, nothing sent: no backscatter
+            duplicate = Verdict(Disposition.FILE, Reason.DUPLICATE, verdict.hits)
+            return Outcome(duplicate, store.insert_message(conn, record, filing), filing)
     record = dataclasses.replace(record, reasons=(*record.reasons, *verdict.reasons))
     if verdict.disposition is Disposition.QUARANTINE:
         row_id = store.insert_message(conn, record, None)
@@ -606,9 +607,10 @@ def file_message(
         filing = Filing(number, intake.kind, decision.via)
         return save(filing), filing
 
+    unit = store.organisation_unit(conn, organisation) if organisation else None
     number = store.create_ticket(
         conn,
-        unit=intake.mailbox.unit,
+        unit=unit or intake.mailbox.unit,
         mailbox=intake.mailbox.address,
         requester=record.sender or record.mail_from or "",
         subject=(record.subject or "").strip() or "(no subject)",
@@ -626,7 +628,11 @@ def file_message(
         action="ticket.created",
         subject=f"ticket:{number}",
         ticket=number,
-        detail={"message": row_id, "unit": intake.mailbox.unit, "follows": decision.follows},
+        detail={
+            "message": row_id,
+            "unit": unit or intake.mailbox.unit,
+            "follows": decision.follows,
+        },
     )
     if intake.planner is not None:
         why_not = intake.planner.acknowledge(conn, number, record, now, intake.references)
@@ -658,7 +664,17 @@ def _file_staff_mail(
     if text.lower().startswith("#note"):
         filing = Filing(number, MessageKind.NOTE, via)
         store.update_ticket(conn, number, now=now)
-        return save(filing), filing
+        row_id = save(filing)
+        store.record_event(
+            conn,
+            time=now,
+            actor=record.sender or "<>",
+            action="ticket.noted",
+            subject=f"ticket:{number}",
+            ticket=number,
+            detail={"message": row_id},
+        )
+        return row_id, filing
     filing = Filing(number, MessageKind.STAFF, via)
     row_id = save(filing)
     old = store.set_ticket_status(conn, number, Status.PENDING, now)

@@ -739,6 +739,12 @@ def find_lookalike(conn: sqlite3.Connection, address: str, skeleton: str) -> str
     return None if row is None else str(row["address"])
 
 
+def organisation_unit(conn: sqlite3.Connection, organisation: int) -> str | None:
+    """The desk unit an organisation's tickets go to, if it has one of its own."""
+    row = conn.execute("SELECT unit FROM organisations WHERE id = ?", (organisation,)).fetchone()
+    return None if row is None or not row["unit"] else str(row["unit"])
+
+
 def set_ticket_organisation(conn: sqlite3.Connection, number: int, organisation: int) -> None:
     conn.execute(
         "UPDATE tickets SET organisation = ? WHERE number = ? AND organisation IS NULL",

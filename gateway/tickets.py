@@ -126,6 +126,7 @@ class ThreadFacts:
     token_ticket: int | None  # from a verified reply token, else None
     references: tuple[str, ...]  # In-Reply-To first, then References newest first
     tagged: tuple[int, ...]  # ticket numbers tagged in the subject
+    staff: bool = False  # the desk's own staff may write to any ticket
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def thread_message(facts: ThreadFacts, lookup: TicketLookup) -> ThreadDecision:
         via = Via.REFERENCES
     if found is None and facts.sender:
         for number in facts.tagged:
-            if lookup.may_write(number, facts.sender):
+            if facts.staff or lookup.may_write(number, facts.sender):
                 found = lookup.ticket(number)
                 via = Via.TAG
                 if found is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,16 @@ def test_config_from_environment_and_working_directory(tmp_path: Path) -> None:
         env={"GATEWAY_CONFIG": str(ROOT / "config.toml"), "PATH": "/usr/bin:/bin"},
     )
     assert env_result.returncode == 0, env_result.stderr
+
+
+def test_check_config_checks_the_templates(tmp_path: Path) -> None:
+    folder = tmp_path / "mytemplates"
+    shutil.copytree(ROOT / "templates", folder)
+    path = write(tmp_path, MINIMAL + '[templates]\ndirectory = "mytemplates"\n')
+    assert run_cli("--config", str(path), "check-config", cwd=tmp_path).returncode == 0
+    target = folder / "acknowledgement.txt"
+    target.write_text(target.read_text().replace("ticket.tag", "tiket.tag", 1))
+    result = run_cli("--config", str(path), "check-config", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "template error" in result.stderr and "acknowledgement.txt" in result.stderr
+    assert "Traceback" not in result.stderr

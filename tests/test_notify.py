@@ -443,3 +443,14 @@ async def test_end_to_end_through_a_real_relay(
     assert len(rows(config, "SELECT number FROM tickets")) == 1
     assert status_of(config, 1) == "open"
     assert {row["status"] for row in outbox(config)} == {"sent"}
+
+
+async def test_staff_reply_by_subject_tag_alone(config: Config, gateway: Gateway) -> None:
+    # Staff may write to any ticket: the tag is enough, no threading headers needed.
+    await send(gateway, make_message(subject="Printer"))
+    staff = make_message(subject="Re: [#1] Printer", sender="dana@example.org", body="On it.\r\n")
+    await send(gateway, staff, sender="dana@example.org")
+    assert len(rows(config, "SELECT number FROM tickets")) == 1
+    assert status_of(config, 1) == "pending"
+    [reply] = await built(config, "staff-reply")
+    assert "On it." in body_text(parsed(reply))
