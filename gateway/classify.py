@@ -357,10 +357,10 @@ _DAEMON_DISPLAY_NAME = re.compile(r"mail delivery (?:sub)?system|mailer[- ]daemo
 # tries each alternative at every character, 10-40 us per KB whether or not anything matches,
 # and every message's body met 15 such patterns in the worker and one more on the event loop.
 # So each body scan is preceded by a substring test (str's C search): the pattern runs only if
-# the text contains one of the words that any match of it must contain. The words are derived
-# from the pattern itself at import (_required_words), so they cannot drift from it; a pattern
-# they cannot be derived for is always run. The gate only ever skips a search that could not
-# have matched: every verdict is the pattern's own.
+# the text contains the words that any match of it must contain. The words are derived from
+# the pattern itself at import (_gate), so they cannot drift from it; a pattern they cannot be
+# derived for is always run. A gate only ever skips a search that could not have matched:
+# every verdict is still the pattern's own (tests/test_fast_paths.py checks this).
 
 # re.IGNORECASE equates these with ASCII letters and str.lower() does not (U+212A KELVIN SIGN
 # it does, to "k"); found by matching every code point against every ASCII character.

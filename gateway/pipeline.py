@@ -494,9 +494,9 @@ def _tell_admins(
         threshold = planner.config.policy.loop_threshold_per_hour
         since = (datetime.fromisoformat(now) - timedelta(hours=1)).isoformat()
         # The first message over the threshold trips the rule: tell the admins then only.
-        if facts.sender and store.count_inbound_from(conn, facts.sender, since=since) == (
-            threshold + 1
-        ):
+        if facts.sender and store.count_inbound_from(
+            conn, facts.sender, since=since, cap=threshold + 2
+        ) == (threshold + 1):
             planner.tell_admins(
                 conn,
                 MailKind.LOOP_NOTICE,
@@ -529,8 +529,9 @@ def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
         # More than loop_threshold_per_hour messages from one From in an hour: a mail
         # loop with a machine that does not mark its mail (RELIABILITY 40).
         policy = intake.planner.config.policy
+        threshold = policy.loop_threshold_per_hour
         since = (datetime.fromisoformat(intake.record.received_at) - timedelta(hours=1)).isoformat()
-        if store.count_inbound_from(conn, facts.sender, since=since) >= (
+        if store.count_inbound_from(conn, facts.sender, since=since, cap=threshold + 2) >= (
             policy.loop_threshold_per_hour
         ):
             updates["loop_reason"] = "rate"

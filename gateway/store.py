@@ -879,11 +879,18 @@ def count_automatic_mail(conn: sqlite3.Connection, to: str, *, since: str) -> in
     return int(row[0])
 
 
-def count_inbound_from(conn: sqlite3.Connection, sender: str, *, since: str) -> int:
-    """Messages received from a From address since a time (the loop rule)."""
+def count_inbound_from(conn: sqlite3.Connection, sender: str, *, since: str, cap: int) -> int:
+    """Messages received from a From address since a time (the loop rule), counted up to
+    `cap` only: the rule needs to know "over the threshold", and a full count would grow
+    with a busy sender's history on every message."""
     row = conn.execute(
-        "SELECT COUNT(*) FROM messages WHERE sender = ? AND received_at >= ? AND direction = 'in'",
-        (sender, since),
+        """
+        SELECT COUNT(*) FROM (
+            SELECT 1 FROM messages
+            WHERE sender = ? AND received_at >= ? AND direction = 'in' LIMIT ?
+        )
+        """,
+        (sender, since, cap),
     ).fetchone()
     return int(row[0])
 
