@@ -522,9 +522,79 @@ class Row:
         }
 
 
+PRELOAD_QUEUE_PREFIX = "preload-"
+
+
 def count_stored(database: Path) -> int:
+    """Messages the gateway received during the bench (not preloaded, not sent by it)."""
     with closing(sqlite3.connect(database)) as conn:
-        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        row = conn.execute(
+            "SELECT count(*) FROM messages WHERE direction = 'in' AND queue_id NOT LIKE ?",
+            (PRELOAD_QUEUE_PREFIX + "%",),
+        ).fetchone()
+        return int(row[0])
+
+
+def preload(database: Path, *, authorise: bool, tickets: int, senders: int) -> None:
+    """Fill the database before the gateway starts, so intake is measured against a desk
+    with history: `tickets` tickets (one received message each), `senders` authorised
+    senders, and - with `authorise` - the bench's own client domain authorised, so that
+    every message takes the whole path (ticket, acknowledgement) instead of the quarantine.
+    """
+    from gateway import store
+    from gateway.lookalike import skeleton
+
+    now = "2026-01-01T00:00:00.000000+00:00"
+    with closing(store.connect(database)) as conn, store.write_transaction(conn):
+        org = store.add_organisation(
+            conn,
+            name="Bench Clients",
+            domains=["client.example.com"],
+            unit=None,
+            account_manager=None,
+            now=now,
+        )
+        if authorise:
+            store.upsert_sender(
+                conn, address="@client.example.com", organisation=org, name=None, now=now
+            )
+        conn.executemany(
+            "INSERT INTO senders (address, organisation, name, blocked, skeleton, created_at)"
+            " VALUES (?, ?, NULL, 0, ?, ?)",
+            (
+                (
+                    f"user{i}@org{i % 500}.example.net",
+                    org,
+                    skeleton(f"user{i}@org{i % 500}.example.net"),
+                    now,
+                )
+                for i in range(senders)
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO tickets (number, unit, requester, subject, status, created_at,"
+            " updated_at, mailbox) VALUES (?, 'support', ?, ?, 'open', ?, ?, ?)",
+            (
+                (n, f"old{n}@history.example.net", f"old request {n}", now, now, RCPT_TO)
+                for n in range(1, tickets + 1)
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO messages (queue_id, received_at, mail_from, rcpt_to, peer, helo, size,"
+            " sha256, message_id, sender, ticket, kind) VALUES (?, ?, ?, '[]', '', '', 0, '',"
+            " ?, ?, ?, 'client')",
+            (
+                (
+                    f"{PRELOAD_QUEUE_PREFIX}{n}",
+                    now,
+                    f"old{n}@history.example.net",
+                    f"<old{n}@history.example.net>",
+                    f"old{n}@history.example.net",
+                    n,
+                )
+                for n in range(1, tickets + 1)
+            ),
+        )
 
 
 def print_table(rows: Sequence[Row], say: Callable[[str], None]) -> None:
@@ -566,8 +636,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         log_level=args.log_level,
         overrides=args.set,
     )
-    # Preload steps (tickets, senders, history) go here: they fill `database` before the
-    # gateway starts, so that intake is measured against a realistic database.
+    preload(
+        database,
+        authorise=args.authorise,
+        tickets=args.preload_tickets,
+        senders=args.preload_senders,
+    )
     bare = bare_server(workdir)
     body = make_body(args.size)
     rows: list[Row] = []
@@ -697,6 +771,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a gateway config key, e.g. smtp.data_slots=32 (repeatable)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--authorise",
+        action="store_true",
+        help="authorise the bench's sender domain: every message opens a ticket and is "
+        "acknowledged (without it, unknown senders are quarantined)",
+    )
+    parser.add_argument(
+        "--preload-tickets", type=int, default=0, help="tickets already in the database (0)"
+    )
+    parser.add_argument(
+        "--preload-senders", type=int, default=0, help="authorised senders already listed (0)"
+    )
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     return parser
 
