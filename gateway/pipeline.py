@@ -126,6 +126,20 @@ class Outcome:
     quarantine: int | None = None
 
 
+def classify_message(parsed: InboundMessage, mail_from: str, own: OwnIdentity) -> Classification:
+    """[classify] a parsed message with its envelope sender."""
+    return classify(
+        headers=parsed.headers,
+        subject=parsed.subject,
+        from_addresses=parsed.from_addresses,
+        mail_from=mail_from,
+        content_type=parsed.content_type,
+        report=parsed.report,
+        own=own,
+        text=parsed.text,
+    )
+
+
 def sender_identity(parsed: InboundMessage) -> tuple[str | None, str | None]:
     """(the normalised From address, or why there is none we can use).
 
@@ -268,16 +282,7 @@ class Pipeline:
             event("message.malformed", logging.WARNING, queue_id=queue_id, reason=parsed.malformed)
 
         # classify: normal, auto-reply, notice, bounce or loop, with every reason.
-        verdict = classify(
-            headers=parsed.headers,
-            subject=parsed.subject,
-            from_addresses=parsed.from_addresses,
-            mail_from=envelope.mail_from,
-            content_type=parsed.content_type,
-            report=parsed.report,
-            own=self.own,
-            text=parsed.text,
-        )
+        verdict = classify_message(parsed, envelope.mail_from, self.own)
 
         # authenticate: trusted Authentication-Results, and our own DKIM check if asked.
         sender, from_problem = sender_identity(parsed)
@@ -637,17 +642,24 @@ def file_message(
     )
     if intake.planner is not None:
         why_not = intake.planner.acknowledge(conn, number, record, now, intake.references)
-        if why_not is not None:
-            store.record_event(
-                conn,
-                time=now,
-                actor="gateway",
-                action="mail.withheld",
-                subject=f"ticket:{number}",
-                ticket=number,
-                detail={"kind": MailKind.ACKNOWLEDGEMENT.value, "why": why_not},
-            )
+        _withheld(conn, number, MailKind.ACKNOWLEDGEMENT, why_not, now)
     return row_id, filing
+
+
+def _withheld(
+    conn: sqlite3.Connection, ticket: int, kind: MailKind, why_not: str | None, now: str
+) -> None:
+    """Audit a mail the guards kept back, with why (no-op when it was queued)."""
+    if why_not is not None:
+        store.record_event(
+            conn,
+            time=now,
+            actor="gateway",
+            action="mail.withheld",
+            subject=f"ticket:{ticket}",
+            ticket=ticket,
+            detail={"kind": kind.value, "why": why_not},
+        )
 
 
 def _file_staff_mail(
@@ -690,16 +702,7 @@ def _file_staff_mail(
     )
     if intake.planner is not None:
         why_not = intake.planner.staff_reply(conn, number, text, record.sender, now)
-        if why_not is not None:
-            store.record_event(
-                conn,
-                time=now,
-                actor="gateway",
-                action="mail.withheld",
-                subject=f"ticket:{number}",
-                ticket=number,
-                detail={"kind": MailKind.STAFF_REPLY.value, "why": why_not},
-            )
+        _withheld(conn, number, MailKind.STAFF_REPLY, why_not, now)
     return row_id, filing
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import store
-from .classify import OwnIdentity, classify
+from .classify import OwnIdentity
 from .config import Config
 from .inbound import InboundMessage, ParserPool
 from .lookalike import skeleton
@@ -23,6 +23,7 @@ from .pipeline import (
     _KIND_OF,
     Envelope,
     Intake,
+    classify_message,
     file_message,
     mailbox_of,
     sender_identity,
@@ -100,16 +101,8 @@ def release(
         if organisation is None and found is not None and found.authorised:
             organisation = found.organisation
         envelope = Envelope(record.mail_from, record.rcpt_to, record.peer, record.helo)
-        verdict = classify(
-            headers=parsed.headers,
-            subject=parsed.subject,
-            from_addresses=parsed.from_addresses,
-            mail_from=record.mail_from,
-            content_type=parsed.content_type,
-            report=parsed.report,
-            own=OwnIdentity(config.smtp.hostname, tuple(m.address for m in config.mailboxes)),
-            text=parsed.text,
-        )
+        own = OwnIdentity(config.smtp.hostname, tuple(m.address for m in config.mailboxes))
+        verdict = classify_message(parsed, record.mail_from, own)
         facts = PolicyFacts(
             sender=sender,
             from_problem=from_problem,
