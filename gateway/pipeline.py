@@ -449,7 +449,7 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
     record = intake.record
     now = record.received_at
 
-    facts = _with_sender_list(conn, intake)
+    facts, organisation = _with_sender_list(conn, intake)
     verdict = decide(facts)
     if verdict.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
         return Outcome(verdict)  # nothing stored, nothing sent: no backscatter
@@ -476,7 +476,6 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
         )
         _tell_admins(conn, intake, facts, verdict, quarantine_id, now)
         return Outcome(verdict, row_id, quarantine=quarantine_id)
-    organisation = _organisation(conn, facts.sender) if facts.authorised else None
     row_id, filing = file_message(conn, intake, record, organisation=organisation)
     return Outcome(verdict, row_id, filing)
 
@@ -527,9 +526,12 @@ def _tell_admins(
     )
 
 
-def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
+def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> tuple[PolicyFacts, int | None]:
+    """The facts completed from the sender list, and the sender's organisation if it is
+    authorised (one lookup serves the decision and the ticket)."""
     facts = intake.facts
     updates: dict[str, object] = {}
+    organisation = None
     if facts.sender and intake.planner is not None:
         # More than loop_threshold_per_hour messages from one From in an hour: a mail
         # loop with a machine that does not mark its mail (RELIABILITY 40).
@@ -537,7 +539,7 @@ def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
         threshold = policy.loop_threshold_per_hour
         since = (datetime.fromisoformat(intake.record.received_at) - timedelta(hours=1)).isoformat()
         if store.count_inbound_from(conn, facts.sender, since=since, cap=threshold + 2) >= (
-            policy.loop_threshold_per_hour
+            threshold
         ):
             updates["loop_reason"] = "rate"
     if facts.sender:
@@ -545,17 +547,13 @@ def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> PolicyFacts:
         if found is not None:
             updates["blocked"] = found.blocked
             updates["authorised"] = found.authorised
+            organisation = found.organisation if found.authorised else None
         if facts.lookalike_of is None and intake.skeleton and not (found and found.authorised):
             updates["lookalike_of"] = store.find_lookalike(conn, facts.sender, intake.skeleton)
     if intake.kind is not MessageKind.CLIENT:
         ticket, _via, _to = _event_ticket(conn, TicketQueries(conn), intake)
         updates["known_ticket"] = ticket is not None
-    return dataclasses.replace(facts, **updates)  # type: ignore[arg-type]
-
-
-def _organisation(conn: sqlite3.Connection, sender: str | None) -> int | None:
-    found = store.sender_record(conn, sender) if sender else None
-    return found.organisation if found is not None and found.authorised else None
+    return dataclasses.replace(facts, **updates), organisation  # type: ignore[arg-type]
 
 
 def file_message(

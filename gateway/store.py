@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .lookalike import skeleton
 from .tickets import Status, TicketRef
 
 log = logging.getLogger("gateway")
@@ -1366,8 +1367,6 @@ def upsert_sender(
 
     The caller has checked that the address is not blocked: this never lifts a block.
     """
-    from .lookalike import skeleton  # a pure function; imported here to keep this section whole
-
     conn.execute(
         """
         INSERT INTO senders (address, organisation, name, blocked, skeleton, created_at)
@@ -1381,8 +1380,6 @@ def upsert_sender(
 
 def block_sender(conn: sqlite3.Connection, address: str, *, now: str) -> None:
     """Block an address; an existing row keeps its organisation and name."""
-    from .lookalike import skeleton
-
     conn.execute(
         """
         INSERT INTO senders (address, organisation, name, blocked, skeleton, created_at)
@@ -1523,8 +1520,6 @@ def store_outgoing(
 
     Returns the messages row id and the outbox row ids, in the order of `recipients`.
     """
-    import hashlib  # here rather than at the top, to keep this section whole
-
     record = StoredMessage(
         queue_id=f"out-{secrets.token_hex(8)}",
         received_at=now,
