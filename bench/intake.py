@@ -108,7 +108,7 @@ class StartError(Exception):
     pass
 
 
-# --- the bare server (runs in its own process: `intake.py --serve-bare`) -------------
+# --- the bare server (runs in its own process: `intake.py --serve-bare`) ---------------
 
 
 class BareHandler:
@@ -118,11 +118,97 @@ class BareHandler:
         return "250 OK"
 
 
-async def serve_bare(data_size_limit: int) -> None:
+# --- the store-only reference (`intake.py --serve-store-only DB`) ----------------------
+
+
+class StoreOnlyHandler:
+    """aiosmtpd plus a durable store and nothing else: each message is committed by one
+    writer thread in group commits (WAL, synchronous=FULL) before its 250. No parsing, no
+    classification, no tickets. It is the issue's reference point ("group commit about
+    0.75"), measured on this machine in the same run, so the gateway's figure can be read
+    against what durability alone costs."""
+
+    def __init__(self, database: Path) -> None:
+        import queue
+        import threading
+
+        self.loop = asyncio.get_running_loop()
+        self.queue: queue.SimpleQueue[tuple[tuple[Any, ...], asyncio.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, received_at TEXT,"
+            " mail_from TEXT, rcpt_to TEXT, peer TEXT, size INTEGER, sha256 TEXT, raw BLOB)"
+        )
+        self.thread = threading.Thread(target=self.write, name="store-only-writer", daemon=True)
+        self.thread.start()
+
+    def write(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while not self.queue.empty():
+                item = self.queue.get()
+                if item is None:
+                    self.queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(
+                    "INSERT INTO messages (received_at, mail_from, rcpt_to, peer, size, sha256,"
+                    " raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [row for row, _ in batch],
+                )
+                self.conn.execute("COMMIT")
+                error: BaseException | None = None
+            except sqlite3.Error as exc:
+                error = exc
+            for _, future in batch:
+                self.loop.call_soon_threadsafe(settle, future, error)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import hashlib
+        from datetime import UTC, datetime
+
+        raw = envelope.original_content or b""
+        row = (
+            datetime.now(UTC).isoformat(),
+            envelope.mail_from,
+            json.dumps(envelope.rcpt_tos),
+            str(session.peer),
+            len(raw),
+            hashlib.sha256(raw).hexdigest(),
+            raw,
+        )
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.queue.put((row, future))
+        try:
+            await future
+        except sqlite3.Error:
+            return "451 4.3.0 Try again later"
+        return "250 OK"
+
+
+def settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+async def serve_reference(data_size_limit: int, database: Path | None) -> None:
+    """The bare server (database None) or the store-only reference, until SIGTERM."""
     from aiosmtpd.smtp import SMTP
 
     loop = asyncio.get_running_loop()
-    handler = BareHandler()
+    handler: Any = BareHandler() if database is None else StoreOnlyHandler(database)
 
     def factory() -> SMTP:
         return SMTP(
@@ -297,6 +383,12 @@ def gateway_server(
 def bare_server(workdir: Path) -> ServerProcess:
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare"]
     return ServerProcess("bare", argv, workdir / "bare.log", ready=BARE_READY)
+
+
+def store_only_server(workdir: Path) -> ServerProcess:
+    database = workdir / "store-only.db"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-store-only", str(database)]
+    return ServerProcess("store-only", argv, workdir / "store-only.log", ready=BARE_READY)
 
 
 # --- the client --------------------------------------------------------------------------
@@ -491,6 +583,7 @@ class Row:
     concurrency: int
     bare: LoadResult
     gateway: LoadResult
+    store_only: LoadResult | None = None
 
     @property
     def ratio(self) -> float:
@@ -514,12 +607,16 @@ class Row:
                 "other_cpu_share": round(result.other_cpu / result.seconds, 3),
             }
 
-        return {
+        found: dict[str, Any] = {
             "concurrency": self.concurrency,
             "bare": part(self.bare),
             "gateway": part(self.gateway),
             "ratio": round(self.ratio, 3),
         }
+        if self.store_only is not None:
+            found["store_only"] = part(self.store_only)
+            found["store_only_ratio"] = round(self.store_only.rate / self.bare.rate, 3)
+        return found
 
 
 PRELOAD_QUEUE_PREFIX = "preload-"
@@ -613,6 +710,21 @@ def print_table(rows: Sequence[Row], say: Callable[[str], None]) -> None:
             f"{gw.cpu_per_message(gw.server_cpu):>5.2f} "
             f"{gw.cpu_per_message(gw.client_cpu):>6.2f}"
         )
+    references = [row for row in rows if row.store_only is not None]
+    if references:
+        say("")
+        say(
+            f"{'conc':>5}  {'store-only msg/s':>16} {'p50 ms':>7} {'p99 ms':>7}  "
+            f"{'ratio':>5}  {'CPU ms/msg':>10}   (aiosmtpd + group commit, no parsing)"
+        )
+        for row in references:
+            ref = row.store_only
+            assert ref is not None
+            say(
+                f"{row.concurrency:>5}  {ref.rate:>16.0f} {ref.percentile(50):>7.1f} "
+                f"{ref.percentile(99):>7.1f}  {ref.rate / row.bare.rate:>5.2f}  "
+                f"{ref.cpu_per_message(ref.server_cpu):>10.2f}"
+            )
     say("")
     say(f"{'conc':>5}  gateway CPU ms/msg by part: {'loop':>5} {'writer':>6} {'workers':>7}")
     for row in rows:
@@ -643,13 +755,15 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         senders=args.preload_senders,
     )
     bare = bare_server(workdir)
+    references = [bare, store_only_server(workdir)] if args.store_only else [bare]
+    servers = [*references, gateway]
     body = make_body(args.size)
     rows: list[Row] = []
     acknowledged = 0
     try:
         # Both start at once; wait for both before giving up, so none is left behind.
         started = await asyncio.gather(
-            asyncio.to_thread(bare.start), asyncio.to_thread(gateway.start), return_exceptions=True
+            *(asyncio.to_thread(server.start) for server in servers), return_exceptions=True
         )
         for outcome in started:
             if isinstance(outcome, BaseException):
@@ -659,31 +773,31 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             f"{args.messages_per_connection} per connection, {args.senders} sender(s); "
             f"{os.cpu_count()} CPUs"
         )
-        # Warm up both (imports, parser workers, SQLite page cache) outside the figures.
-        for server in (bare, gateway):
+        # Warm up each (imports, parser workers, SQLite page cache) outside the figures.
+        for server in servers:
             warm = await drive(
                 server.port, 100, 8, args.messages_per_connection, body, "warm", args.senders
             )
             if server is gateway:
                 acknowledged += warm.messages
         for level in levels:
-            runs: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}
-            # Alternating bare and gateway spreads any outside load over both.
+            runs: dict[str, list[LoadResult]] = {server.name: [] for server in servers}
+            # Alternating the servers spreads any outside load over all of them.
             for _ in range(args.repeat):
-                for server in (bare, gateway):
+                for server in servers:
                     result = await measure(server, args, level, body)
                     runs[server.name].append(result)
                     if server is gateway:
                         acknowledged += result.messages
             results = {name: median_run(found) for name, found in runs.items()}
-            rows.append(Row(level, results["bare"], results["gateway"]))
+            rows.append(Row(level, results["bare"], results["gateway"], results.get("store-only")))
             say(
-                f"  concurrency {level}: bare {results['bare'].rate:.0f} msg/s, "
-                f"gateway {results['gateway'].rate:.0f} msg/s"
+                f"  concurrency {level}: "
+                + ", ".join(f"{name} {result.rate:.0f} msg/s" for name, result in results.items())
             )
     finally:
-        bare_exit = bare.stop()
-        gateway_exit = gateway.stop()
+        exits = {server.name: server.stop() for server in servers}
+        bare_exit, gateway_exit = exits["bare"], exits["gateway"]
     stored = count_stored(database)
     say("")
     print_table(rows, say)
@@ -692,8 +806,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"gateway: acknowledged {acknowledged}, stored {stored} "
         f"({'ok' if stored == acknowledged else 'MISMATCH'}); exit code {gateway_exit}"
     )
-    other = sum(r.bare.other_cpu + r.gateway.other_cpu for r in rows)
-    wall = sum(r.bare.seconds + r.gateway.seconds for r in rows)
+    measured = [run for r in rows for run in (r.bare, r.gateway, r.store_only) if run]
+    other = sum(run.other_cpu for run in measured)
+    wall = sum(run.seconds for run in measured)
     if wall and other / wall > 0.1:
         say(
             f"warning: other processes used {other / wall:.0%} of a CPU during the runs; "
@@ -701,7 +816,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     elif wall:
         say(f"other processes used {other / wall:.0%} of a CPU during the runs")
-    failures = sum(r.bare.failures + r.gateway.failures for r in rows)
+    failures = sum(run.failures for run in measured)
     if failures:
         say(f"client failures (transactions that did not end in 250): {failures}")
     return {
@@ -783,14 +898,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preload-senders", type=int, default=0, help="authorised senders already listed (0)"
     )
+    parser.add_argument(
+        "--store-only",
+        action="store_true",
+        help="also measure the store-only reference: aiosmtpd plus group commit, no parsing",
+    )
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-store-only", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.serve_bare:
-        asyncio.run(serve_bare(MAX_MESSAGE_SIZE))
+    if args.serve_bare or args.serve_store_only:
+        asyncio.run(serve_reference(MAX_MESSAGE_SIZE, args.serve_store_only))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-intake-") as folder:
         try:

@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.headerregistry import Address
@@ -230,14 +230,25 @@ class Planner:
         return None
 
     def tell_admins(
-        self, conn: sqlite3.Connection, kind: MailKind, context: Mapping[str, object], now: str
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        context: Callable[[], Mapping[str, object]],
+        now: str,
     ) -> int:
-        """Queue a notice to every configured admin (within the caps); returns how many."""
+        """Queue a notice to every configured admin (within the caps); returns how many.
+
+        `context` is called once, and only if some admin is to be told: what it looks up
+        (the count of held mail, say) costs nothing for the notices the caps hold back.
+        """
         template = "quarantine_notice" if kind is MailKind.QUARANTINE_NOTICE else "loop_notice"
+        found: Mapping[str, object] | None = None
         queued = 0
         for admin in self.config.staff.admins:
             if self._admin_refusal(conn, admin, now) is not None:
                 continue
+            if found is None:
+                found = context()
             self._queue(
                 conn,
                 kind,
@@ -246,7 +257,7 @@ class Planner:
                 now=now,
                 in_reply_to=None,
                 template=template,
-                extra=dict(context),
+                extra=dict(found),
             )
             queued += 1
         return queued

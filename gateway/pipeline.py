@@ -288,8 +288,10 @@ class Pipeline:
         sender, from_problem = sender_identity(parsed)
         auth = await self._authenticate(raw, parsed, sender)
 
-        intake = self._prepare(queue_id, envelope, raw, parsed, verdict, sender, from_problem, auth)
-        intake = await self._hash(intake, raw)
+        digest = await self._hash(raw)
+        intake = self._prepare(
+            queue_id, envelope, raw, digest, parsed, verdict, sender, from_problem, auth
+        )
 
         # decide + thread + store: one transaction, group-committed and synced.
         try:
@@ -334,6 +336,7 @@ class Pipeline:
         queue_id: str,
         envelope: Envelope,
         raw: bytes,
+        digest: str,
         parsed: InboundMessage,
         verdict: Classification,
         sender: str | None,
@@ -348,7 +351,7 @@ class Pipeline:
             peer=envelope.peer,
             helo=envelope.helo,
             raw=raw,
-            sha256="",  # filled in by _hash
+            sha256=digest,
             message_id=parsed.message_id,
             from_header=parsed.from_header,
             subject=parsed.subject,
@@ -397,12 +400,10 @@ class Pipeline:
             skeleton=skeleton(sender) if sender else None,
         )
 
-    async def _hash(self, intake: Intake, raw: bytes) -> Intake:
+    async def _hash(self, raw: bytes) -> str:
         if len(raw) >= _HASH_IN_THREAD:
-            digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
-        else:
-            digest = hashlib.sha256(raw).hexdigest()
-        return dataclasses.replace(intake, record=dataclasses.replace(intake.record, sha256=digest))
+            return await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+        return hashlib.sha256(raw).hexdigest()
 
     def _result(
         self, queue_id: str, parsed: InboundMessage, verdict: Classification, outcome: Outcome
@@ -501,17 +502,14 @@ def _tell_admins(
         if facts.sender and store.count_inbound_from(
             conn, facts.sender, since=since, cap=threshold + 2
         ) == (threshold + 1):
-            planner.tell_admins(
-                conn,
-                MailKind.LOOP_NOTICE,
-                {"sender": facts.sender, "count": threshold + 1, "threshold": threshold},
-                now,
-            )
+            loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
+            planner.tell_admins(conn, MailKind.LOOP_NOTICE, lambda: loop_context, now)
         return
-    planner.tell_admins(
-        conn,
-        MailKind.QUARANTINE_NOTICE,
-        {
+
+    def quarantine_context() -> dict[str, object]:
+        # Counting the held entries reads the whole quarantine: only for a notice that
+        # is really sent (the hourly cap holds most of them back in a flood).
+        return {
             "entry": {
                 "id": quarantine_id,
                 "sender": facts.sender or record.mail_from or "<>",
@@ -521,9 +519,9 @@ def _tell_admins(
             },
             "held_count": store.count_held(conn),
             "cli": f"gateway quarantine show {quarantine_id}",
-        },
-        now,
-    )
+        }
+
+    planner.tell_admins(conn, MailKind.QUARANTINE_NOTICE, quarantine_context, now)
 
 
 def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> tuple[PolicyFacts, int | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import random
 import re
 import ssl
 import sys
@@ -22,10 +23,12 @@ from typing import Any
 import aiosmtpd
 import pytest
 import trustme
+from aiosmtpd.smtp import SMTP
 
 import gateway as gateway_package
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.server import GatewaySMTP
 
 from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages
 
@@ -150,6 +153,89 @@ async def test_null_reverse_path_is_accepted_and_stored_as_empty(
     [stored] = stored_messages(config)
     assert stored["mail_from"] == ""
     assert stored["rcpt_to"] == [MAILBOX]
+
+
+# --- Paths: the gateway's fast path parses them exactly as aiosmtpd does ----------------
+
+_PATHS = [
+    "<a@b.c>",
+    "<a@b.c> SIZE=1",
+    "<a@b.c>  BODY=8BITMIME SMTPUTF8",
+    "<a@b.c>\tSIZE=1",
+    "<a@b.c>SIZE=1",
+    "<a@b.c> ",
+    "<a@b.c>(comment) SIZE=1",
+    "<a@b.c> (comment) SIZE=1",
+    " <a@b.c>",
+    "<>",
+    "<> SIZE=3",
+    "<A.B+tag=x@C.example-d.ORG>",
+    "<a..b@c.d>",
+    "<.a@c.d>",
+    "<a.@c.d>",
+    "<a@c.d.>",
+    "<a@.c.d>",
+    "<a@c..d>",
+    '<"x y"@c.d>',
+    "<a@[192.0.2.1]>",
+    "<@relay.example:a@b.c>",
+    "<a@b.c",
+    "a@b.c",
+    "<a b@c.d>",
+    "<a@b_c.d>",
+    "<\u00e9@b.c>",
+    "<a@b.c>> S",
+    "<a@b.c> <x@y.z>",
+    "<" + "x" * 70 + "@b.c>",
+]
+
+
+def _random_paths(count: int) -> list[str]:
+    rng = random.Random(20261127)
+    alphabet = 'ab.@<>-+_ \t()"[]:=\u00e9'
+    return ["<" + "".join(rng.choices(alphabet, k=rng.randint(0, 14))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("local_part_limit", [0, 64])
+async def test_path_fast_path_agrees_with_aiosmtpd(local_part_limit: int) -> None:
+    protocol = GatewaySMTP(object())
+    protocol.local_part_limit = local_part_limit
+    for path in [*_PATHS, *_random_paths(3000)]:
+        try:
+            expected = SMTP._getaddr(protocol, path)
+        except (IndexError, AttributeError):
+            expected = None, None  # aiosmtpd trips over "<" or "<a@["; we call it malformed
+        assert protocol._getaddr(path) == expected, path
+
+
+@pytest.mark.parametrize("path", ["<", "< ", "<a@["])
+async def test_unterminated_path_is_a_malformed_address_not_a_fault(
+    gateway: Gateway, connect: Callable[[int], Any], path: str
+) -> None:
+    client: ProtocolClient = await connect(gateway.port)
+    await client.greet()
+    _, text = await client.command(f"MAIL FROM:{path}")
+    assert text.startswith(("553", "501")), text
+    assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+
+
+async def test_mail_and_rcpt_parameters_survive_the_fast_path(
+    config: Config, gateway: Gateway, connect: Callable[[int], Any]
+) -> None:
+    client: ProtocolClient = await connect(gateway.port)
+    await client.greet()
+    _, text = await client.command(f"MAIL FROM:<{SENDER}> SIZE=2000 BODY=8BITMIME")
+    assert text.startswith("250 2.1.0"), text
+    assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
+    assert (await client.command("DATA"))[0] == 354
+    await client.send(make_message() + b".\r\n")
+    assert (await client.reply())[0] == 250
+    _, text = await client.command(f"MAIL FROM:<{SENDER}> SIZE=999999999")
+    assert text.startswith("552"), text
+    _, text = await client.command(f"MAIL FROM:<{SENDER}> NOSUCHPARAM=1")
+    assert text.startswith("555"), text
+    [stored] = stored_messages(config)
+    assert stored["mail_from"] == SENDER
 
 
 # --- 6. Line lengths (RFC 5321 4.5.3.1.4 and 4.5.3.1.6) -----------------------------------
