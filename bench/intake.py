@@ -267,6 +267,9 @@ class ServerProcess:
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = port
+        # Work the server still owes once the load stops (the gateway's outbox): returns
+        # how many items are left; a run is measured until it is 0.
+        self.backlog: Callable[[], int] = lambda: 0
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -482,6 +485,9 @@ class LoadResult:
     other_cpu: float = 0.0  # everything else on the machine meanwhile (other jobs)
     # The server's CPU seconds by thread or process: loop, threads, children (cpu_parts).
     server_parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    # After the last 250, how long the server took to finish what it still owed (the
+    # gateway delivering the acknowledgements it queued); its CPU meanwhile is counted.
+    drain_seconds: float = 0.0
 
     def cpu_per_message(self, seconds: float) -> float:
         """In ms."""
@@ -561,6 +567,7 @@ async def measure(
     result = await drive(
         server.port, args.messages, level, args.messages_per_connection, body, run, args.senders
     )
+    result.drain_seconds = await drain(server)
     result.server_cpu = server.cpu_seconds() - server_cpu
     result.server_parts = {
         name: max(0.0, seconds - parts.get(name, 0.0))
@@ -570,6 +577,28 @@ async def measure(
     used = machine_busy_seconds() - machine
     result.other_cpu = max(0.0, used - result.server_cpu - result.client_cpu)
     return result
+
+
+DRAIN_TIMEOUT = 300.0
+DRAIN_POLL = 0.05
+
+
+async def drain(server: ServerProcess) -> float:
+    """Wait until the server owes no more work; the seconds it took."""
+    started = time.perf_counter()
+    deadline = started + DRAIN_TIMEOUT
+    while server.backlog() > 0:
+        if time.perf_counter() > deadline:
+            raise StartError(f"{server.name} still had work after {DRAIN_TIMEOUT:.0f} s")
+        await asyncio.sleep(DRAIN_POLL)  # polling the database, bounded by the deadline
+    return time.perf_counter() - started
+
+
+def queued_mail(database: Path) -> int:
+    """Outgoing mail the gateway has queued and not yet delivered (or given up on)."""
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox WHERE status = 'queued'").fetchone()
+        return int(row[0])
 
 
 def median_run(results: list[LoadResult]) -> LoadResult:
@@ -605,6 +634,7 @@ class Row:
                     for name, seconds in result.server_parts.items()
                 },
                 "other_cpu_share": round(result.other_cpu / result.seconds, 3),
+                "drain_seconds": round(result.drain_seconds, 3),
             }
 
         found: dict[str, Any] = {
@@ -726,12 +756,16 @@ def print_table(rows: Sequence[Row], say: Callable[[str], None]) -> None:
                 f"{ref.cpu_per_message(ref.server_cpu):>10.2f}"
             )
     say("")
-    say(f"{'conc':>5}  gateway CPU ms/msg by part: {'loop':>5} {'writer':>6} {'workers':>7}")
+    say(
+        f"{'conc':>5}  gateway CPU ms/msg by part: {'loop':>5} {'threads':>7} {'workers':>7}"
+        f"   outbox drained in"
+    )
     for row in rows:
         parts, per = row.gateway.server_parts, row.gateway.cpu_per_message
         say(
             f"{row.concurrency:>5}  {'':>27}{per(parts.get('loop', 0.0)):>5.2f} "
-            f"{per(parts.get('threads', 0.0)):>6.2f} {per(parts.get('children', 0.0)):>7.2f}"
+            f"{per(parts.get('threads', 0.0)):>7.2f} {per(parts.get('children', 0.0)):>7.2f}"
+            f"   {row.gateway.drain_seconds:>8.2f} s"
         )
 
 
@@ -754,6 +788,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         tickets=args.preload_tickets,
         senders=args.preload_senders,
     )
+    gateway.backlog = lambda: queued_mail(database)
     bare = bare_server(workdir)
     references = [bare, store_only_server(workdir)] if args.store_only else [bare]
     servers = [*references, gateway]

@@ -310,6 +310,11 @@ class OutboxWorker:
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gateway-outbox"
         )
+        # Building mail is pure Python, bound by the GIL: one thread builds for all the
+        # delivery slots, rather than several threads taking the GIL from the event loop.
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gateway-build"
+        )
         self._reader: sqlite3.Connection | None = None
         self._round = asyncio.Lock()
         self._wakeup = asyncio.Event()
@@ -344,6 +349,7 @@ class OutboxWorker:
                 reader, self._reader = self._reader, None
                 await asyncio.get_running_loop().run_in_executor(self._thread, reader.close)
         self._thread.shutdown(wait=True)
+        self._builder.shutdown(wait=True)
 
     async def deliver_due(self) -> int:
         """One round: deliver the rows due now; returns how many were tried."""
@@ -424,7 +430,9 @@ class OutboxWorker:
         if spec is None:
             raise DeliveryError("the stored bytes of this mail are missing", permanent=True)
         try:
-            raw, text = await asyncio.to_thread(build_planned, self.templates, spec)
+            raw, text = await asyncio.get_running_loop().run_in_executor(
+                self._builder, build_planned, self.templates, spec
+            )
         except Exception as exc:
             # A template or spec that cannot be built will not build on a retry either.
             raise DeliveryError(f"cannot build the mail: {exc}", permanent=True) from exc

@@ -14,6 +14,8 @@ import email.policy
 import subprocess
 import sys
 from contextlib import closing
+from datetime import UTC, datetime
+from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Any
 
@@ -23,6 +25,8 @@ import pytest
 from gateway import store
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.notify import build_mail
+from gateway.render import RenderedMail
 
 from .conftest import RawClient, make_message, rows, send_raw_message, wait_for
 
@@ -291,6 +295,41 @@ async def test_hostile_subject_cannot_add_a_header(config: Config, gateway: Gate
         "mime-version",
     }
     assert set(names) <= expected
+
+
+def test_built_mail_is_7bit_and_reads_back_as_written() -> None:
+    text = "Bonjour Zoë,\n\nvotre demande [#12] est ouverte.\n" + "long " * 300 + "\n"
+    html = "<p>Bonjour Zoë</p>"
+    raw = build_mail(
+        sender=Address(display_name='Support, "Désk"', addr_spec="support@example.org"),
+        to="zoe@client.example.com",
+        subject="Re: [#12] Imprimante en panne — encore",
+        rendered=RenderedMail(subject="", text=text, html=html),
+        message_id="<gw.t12.abc@support.example.org>",
+        date=datetime(2026, 11, 27, 10, 0, tzinfo=UTC),
+        hostname="support.example.org",
+        in_reply_to="<café@client.example.com>",
+        references=("<first@client.example.com>", "<café@client.example.com>"),
+        auto_submitted="auto-replied",
+    )
+    # No 8BITMIME needed, CRLF line ends, and no line longer than RFC 5322 allows.
+    assert raw.isascii()
+    lines = raw.split(b"\r\n")
+    assert b"\n" not in b"".join(lines) and max(len(line) for line in lines) <= 998
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    assert message["Subject"] == "Re: [#12] Imprimante en panne — encore"
+    assert message["From"].addresses[0].display_name == 'Support, "Désk"'
+    assert message["From"].addresses[0].addr_spec == "support@example.org"
+    assert message["To"] == "zoe@client.example.com"
+    # A non-ASCII Message-ID cannot be written as one: left out, the others kept.
+    assert message["In-Reply-To"] is None
+    assert message["References"] == "<first@client.example.com>"
+    assert message["Auto-Submitted"] == "auto-replied"
+    # Mail is CRLF on the wire; quoted-printable keeps those line ends in what it decodes.
+    assert body_text(message).replace("\r\n", "\n") == text
+    html_part = message.get_body(preferencelist=("html",))
+    assert html_part is not None and html_part.get_content().rstrip() == html
 
 
 async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
