@@ -297,15 +297,17 @@ class DaemonProcess:
     def start(self, timeout: float = 20) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("NOTIFY_SOCKET", None)
-        self._log = self.log_path.open("ab")
-        offset = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "--config", str(self.config_path), "serve"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # The child gets its own copy of the descriptor; ours is closed at once, so no
+        # kill() finishing in another thread can close the handle of a restarted daemon.
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "--config", str(self.config_path), "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_bytes()[offset:].decode("utf-8", "replace")
@@ -325,21 +327,16 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-        self._log.close()
 
     def terminate(self, timeout: float = 60) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._log.close()
-        return code
+        return self.proc.wait(timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        if self.proc is not None and not self._log.closed:
-            self._log.close()
 
 
 @pytest.fixture
