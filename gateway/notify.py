@@ -119,6 +119,11 @@ def build_mail(
         message["X-Auto-Response-Suppress"] = "All"
         message["Precedence"] = "bulk"
     message[LOOP_HEADER] = sanitise_header(hostname)
+    # MIMEMultipart starts with its MIME headers; people reading the mail expect From first.
+    for name in ("MIME-Version", "Content-Type"):
+        value = message[name]
+        del message[name]
+        message[name] = value
     message.attach(_text_part(rendered.text, "plain"))
     message.attach(_text_part(rendered.html, "html"))
     return message.as_bytes(policy=_OUTGOING)

@@ -315,6 +315,7 @@ def test_built_mail_is_7bit_and_reads_back_as_written() -> None:
     # No 8BITMIME needed, CRLF line ends, and no line longer than RFC 5322 allows.
     assert raw.isascii()
     lines = raw.split(b"\r\n")
+    assert lines[0].startswith(b"From: ")  # as people expect to read it
     assert b"\n" not in b"".join(lines) and max(len(line) for line in lines) <= 998
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
