@@ -49,11 +49,16 @@ class DeliveryReport:
     reason: str
 
 
+# The header on all the mail we send (notify.build_mail): mail that comes back with it is
+# our own.
+LOOP_HEADER = "X-Gateway-Loop"
+
+
 @dataclass(frozen=True)
 class OwnIdentity:
     hostname: str  # our outgoing Message-IDs end with "@<hostname>>"; the loop header's value
     addresses: tuple[str, ...]  # our mailboxes, lower-case
-    loop_header: str = "X-Gateway-Loop"  # the header we put on outgoing mail
+    loop_header: str = LOOP_HEADER
 
 
 @dataclass(frozen=True)

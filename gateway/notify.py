@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 from . import store
+from .classify import LOOP_HEADER
 from .classify import Kind as Classification
 from .config import Config, MailboxConfig
 from .render import RenderedMail, Templates
@@ -46,10 +47,6 @@ MAX_REFERENCES = 20
 # C0/C1 controls: none of them may reach a header we generate.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
-
-# The loop header on all our mail (classify.OwnIdentity.loop_header): mail that comes
-# back with it is our own.
-LOOP_HEADER = "X-Gateway-Loop"
 
 
 class MailKind(StrEnum):

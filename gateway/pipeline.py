@@ -126,6 +126,13 @@ class Outcome:
     quarantine: int | None = None
 
 
+def own_identity(config: Config) -> OwnIdentity:
+    """What marks mail as our own: the hostname in our Message-IDs, our mailboxes."""
+    return OwnIdentity(
+        hostname=config.smtp.hostname, addresses=tuple(m.address for m in config.mailboxes)
+    )
+
+
 def classify_message(parsed: InboundMessage, mail_from: str, own: OwnIdentity) -> Classification:
     """[classify] a parsed message with its envelope sender."""
     return classify(
@@ -220,10 +227,7 @@ class Pipeline:
         self.now = now
         self.dnsfunc = dnsfunc
         self.tag = SubjectTag(config.tickets.tag)
-        self.own = OwnIdentity(
-            hostname=config.smtp.hostname,
-            addresses=tuple(m.address for m in config.mailboxes),
-        )
+        self.own = own_identity(config)
         # Set by start(): the key of reply-token macs, kept in the database, and the
         # planner of outgoing mail that uses it.
         self.token_secret = b""
@@ -450,7 +454,8 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
     record = intake.record
     now = record.received_at
 
-    facts, organisation = _with_sender_list(conn, intake)
+    found = _look_up(conn, intake)
+    facts = found.facts
     verdict = decide(facts)
     if verdict.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
         return Outcome(verdict)  # nothing stored, nothing sent: no backscatter
@@ -475,16 +480,18 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
             subject=f"quarantine:{quarantine_id}",
             detail={"message": row_id, "reasons": list(verdict.reasons)},
         )
-        _tell_admins(conn, intake, facts, verdict, quarantine_id, now)
+        _tell_admins(conn, intake, found, verdict, quarantine_id, now)
         return Outcome(verdict, row_id, quarantine=quarantine_id)
-    row_id, filing = file_message(conn, intake, record, organisation=organisation)
+    row_id, filing = file_message(
+        conn, intake, record, organisation=found.organisation, event=found.event
+    )
     return Outcome(verdict, row_id, filing)
 
 
 def _tell_admins(
     conn: sqlite3.Connection,
     intake: Intake,
-    facts: PolicyFacts,
+    found: Lookups,
     verdict: Verdict,
     quarantine_id: int,
     now: str,
@@ -495,13 +502,11 @@ def _tell_admins(
     if planner is None:
         return
     record = intake.record
+    facts = found.facts
     if facts.loop_reason == "rate":
         threshold = planner.config.policy.loop_threshold_per_hour
-        since = (datetime.fromisoformat(now) - timedelta(hours=1)).isoformat()
         # The first message over the threshold trips the rule: tell the admins then only.
-        if facts.sender and store.count_inbound_from(
-            conn, facts.sender, since=since, cap=threshold + 2
-        ) == (threshold + 1):
+        if facts.sender and found.recent == threshold:
             loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
             planner.tell_admins(conn, MailKind.LOOP_NOTICE, lambda: loop_context, now)
         return
@@ -524,21 +529,39 @@ def _tell_admins(
     planner.tell_admins(conn, MailKind.QUARANTINE_NOTICE, quarantine_context, now)
 
 
-def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> tuple[PolicyFacts, int | None]:
-    """The facts completed from the sender list, and the sender's organisation if it is
-    authorised (one lookup serves the decision and the ticket)."""
+@dataclass(frozen=True)
+class EventTicket:
+    """The ticket an auto-reply or bounce belongs to, if any, how it was found, and the
+    recipients of our own mail that it bounced."""
+
+    ticket: int | None
+    via: Via
+    bounced_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """What the store transaction looked up once, for the decision and for the filing."""
+
+    facts: PolicyFacts  # completed from the sender list
+    organisation: int | None  # the sender's, if it is authorised
+    recent: int  # its messages of the last hour before this one (capped), for the loop rule
+    event: EventTicket | None  # for automatic mail (auto-replies, bounces): its ticket
+
+
+def _look_up(conn: sqlite3.Connection, intake: Intake) -> Lookups:
     facts = intake.facts
     updates: dict[str, object] = {}
     organisation = None
+    recent = 0
     if facts.sender and intake.planner is not None:
         # More than loop_threshold_per_hour messages from one From in an hour: a mail
         # loop with a machine that does not mark its mail (RELIABILITY 40).
         policy = intake.planner.config.policy
         threshold = policy.loop_threshold_per_hour
         since = (datetime.fromisoformat(intake.record.received_at) - timedelta(hours=1)).isoformat()
-        if store.count_inbound_from(conn, facts.sender, since=since, cap=threshold + 2) >= (
-            threshold
-        ):
+        recent = store.count_inbound_from(conn, facts.sender, since=since, cap=threshold + 2)
+        if recent >= threshold:
             updates["loop_reason"] = "rate"
     if facts.sender:
         found = store.sender_record(conn, facts.sender)
@@ -548,10 +571,12 @@ def _with_sender_list(conn: sqlite3.Connection, intake: Intake) -> tuple[PolicyF
             organisation = found.organisation if found.authorised else None
         if facts.lookalike_of is None and intake.skeleton and not (found and found.authorised):
             updates["lookalike_of"] = store.find_lookalike(conn, facts.sender, intake.skeleton)
+    event = None
     if intake.kind is not MessageKind.CLIENT:
-        ticket, _via, _to = _event_ticket(conn, TicketQueries(conn), intake)
-        updates["known_ticket"] = ticket is not None
-    return dataclasses.replace(facts, **updates), organisation  # type: ignore[arg-type]
+        event = _event_ticket(conn, TicketQueries(conn), intake)
+        updates["known_ticket"] = event.ticket is not None
+    facts = dataclasses.replace(facts, **updates)  # type: ignore[arg-type]
+    return Lookups(facts, organisation, recent, event)
 
 
 def file_message(
@@ -562,11 +587,13 @@ def file_message(
     organisation: int | None = None,
     row: int | None = None,
     now: str | None = None,
+    event: EventTicket | None = None,
 ) -> tuple[int, Filing]:
     """Thread a message into its ticket (or a new one) and store or update its row.
 
     `row` is the id of a message stored earlier (released from the quarantine, at `now`);
-    without it the message is inserted now, at its time of receipt.
+    without it the message is inserted now, at its time of receipt. `event` is the ticket
+    of automatic mail if the caller has looked it up in this transaction already.
     """
     now = now or record.received_at
     actor = record.sender or record.mail_from or "<>"
@@ -579,10 +606,11 @@ def file_message(
         return row
 
     if intake.kind is not MessageKind.CLIENT:
-        ticket, via, bounced_to = _event_ticket(conn, queries, intake)
-        filing = Filing(ticket, intake.kind, via)
+        if event is None:
+            event = _event_ticket(conn, queries, intake)
+        filing = Filing(event.ticket, intake.kind, event.via)
         row_id = save(filing)
-        _mark_bounced(conn, intake, row_id, ticket, bounced_to, actor, now)
+        _mark_bounced(conn, intake, row_id, event, actor, now)
         return row_id, filing
 
     decision = thread_message(intake.thread, queries)
@@ -702,33 +730,29 @@ def _file_staff_mail(
     return row_id, filing
 
 
-def _event_ticket(
-    conn: sqlite3.Connection, queries: TicketQueries, intake: Intake
-) -> tuple[int | None, Via, list[str]]:
-    """The ticket an auto-reply or bounce belongs to, if it clearly belongs to one:
-    (ticket, how found, the recipients of our mail it bounced)."""
+def _event_ticket(conn: sqlite3.Connection, queries: TicketQueries, intake: Intake) -> EventTicket:
+    """The ticket an auto-reply or bounce belongs to, if it clearly belongs to one."""
     report = intake.report
     if report is not None and report.original_message_id:
         ours = store.outgoing_message(conn, report.original_message_id)
         if ours is not None:
-            return ours[0], Via.REFERENCES, ours[1]
+            return EventTicket(ours[0], Via.REFERENCES, tuple(ours[1]))
         found = queries.ticket_for_message_ids([report.original_message_id])
         if found is not None:
-            return found.number, Via.REFERENCES, []
+            return EventTicket(found.number, Via.REFERENCES)
     decision = thread_message(intake.thread, queries)
     if decision.ticket is not None:
-        return decision.ticket.number, decision.via, []
+        return EventTicket(decision.ticket.number, decision.via)
     if decision.follows is not None:
-        return decision.follows, Via.REFERENCES, []
-    return None, Via.NONE, []
+        return EventTicket(decision.follows, Via.REFERENCES)
+    return EventTicket(None, Via.NONE)
 
 
 def _mark_bounced(
     conn: sqlite3.Connection,
     intake: Intake,
     row_id: int,
-    ticket: int | None,
-    bounced_to: list[str],
+    event: EventTicket,
     actor: str,
     now: str,
 ) -> None:
@@ -739,12 +763,12 @@ def _mark_bounced(
     # that mail's recipients: a forged report must not silence anyone else.
     for address in report.failed_recipients:
         address = address.lower()
-        if address not in bounced_to:
+        if address not in event.bounced_to:
             continue
         store.mark_undeliverable(
             conn,
             address=address,
-            ticket=ticket,
+            ticket=event.ticket,
             message=row_id,
             status=next(iter(report.status_codes), None),
             reason=report.reason,
@@ -756,6 +780,6 @@ def _mark_bounced(
             actor=actor,
             action="recipient.undeliverable",
             subject=f"address:{address}",
-            ticket=ticket,
+            ticket=event.ticket,
             detail={"message": row_id, "status": list(report.status_codes)},
         )

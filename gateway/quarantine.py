@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import store
-from .classify import OwnIdentity
 from .config import Config
 from .inbound import InboundMessage, ParserPool
 from .lookalike import skeleton
@@ -26,6 +25,7 @@ from .pipeline import (
     classify_message,
     file_message,
     mailbox_of,
+    own_identity,
     sender_identity,
     thread_facts,
 )
@@ -101,8 +101,7 @@ def release(
         if organisation is None and found is not None and found.authorised:
             organisation = found.organisation
         envelope = Envelope(record.mail_from, record.rcpt_to, record.peer, record.helo)
-        own = OwnIdentity(config.smtp.hostname, tuple(m.address for m in config.mailboxes))
-        verdict = classify_message(parsed, record.mail_from, own)
+        verdict = classify_message(parsed, record.mail_from, own_identity(config))
         facts = PolicyFacts(
             sender=sender,
             from_problem=from_problem,

@@ -248,16 +248,12 @@ class _GatewayProtocol(SMTP):
         # A DATA slot is taken before 354, so at most `data_slots` messages are held in
         # memory and parsed at once; the rest wait, then get a 451 and retry later.
         self._awaiting_data_reply = True
-        slots = self.state.data_slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self.state.config.smtp.data_slot_wait):
-                    await slots.acquire()
-            except TimeoutError:
-                await self.push(REPLY_451_BUSY)
-                return
-        else:
-            await slots.acquire()  # free: returns at once
+        try:
+            async with asyncio.timeout(self.state.config.smtp.data_slot_wait):
+                await self.state.data_slots.acquire()
+        except TimeoutError:
+            await self.push(REPLY_451_BUSY)
+            return
         self._in_data = True
         try:
             await super().smtp_DATA(arg)

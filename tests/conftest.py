@@ -269,6 +269,24 @@ async def send_raw_message(
     return await client.reply(30)
 
 
+def run_cli(config: Config, *args: str, stdin: str | None = "") -> subprocess.CompletedProcess[str]:
+    """`gateway --config <config> ARGS...` in a subprocess, as an admin runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def cli(
+    config: Config, *args: str, stdin: str | None = ""
+) -> subprocess.CompletedProcess[str]:
+    """run_cli without blocking the event loop (a gateway may be serving in the test)."""
+    return await asyncio.to_thread(run_cli, config, *args, stdin=stdin)
+
+
 async def wait_for(
     condition: Callable[[], Any], timeout: float = 10, interval: float = 0.02
 ) -> Any:

@@ -11,7 +11,6 @@ import os
 import pwd
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -23,7 +22,7 @@ from gateway import store
 from gateway.config import Config, load_config
 from gateway.lookalike import skeleton
 
-from .conftest import rows, write_config
+from .conftest import rows, run_cli, write_config
 
 ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
 NOW = "2030-01-01T00:00:00.000000+00:00"
@@ -37,13 +36,7 @@ class Gateway:
         self.config = config
 
     def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "--config", str(self.config.path), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_cli(self.config, *args, stdin=stdin)
 
     def ok(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         result = self.run(*args, stdin=stdin)

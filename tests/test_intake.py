@@ -6,8 +6,6 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import trustme
 from gateway.app import Gateway
 from gateway.config import Config
 
-from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages
+from .conftest import RawClient, make_message, rows, run_cli, send_raw_message, stored_messages
 
 
 async def send(
@@ -358,15 +356,6 @@ async def test_hostile_mime_is_stored_malformed_without_blocking_others(
     assert by_subject["deep"]["malformed"] == "mime-depth"
     assert by_subject["parts"]["malformed"] == "too-many-parts"
     assert by_subject["Printer on fire"]["malformed"] is None
-
-
-def run_cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_messages_list_json_contract(config: Config, gateway: Gateway) -> None:

@@ -7,12 +7,9 @@ queued there is exactly what the delivery worker sends.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email
 import email.policy
-import subprocess
-import sys
 from contextlib import closing
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -28,7 +25,7 @@ from gateway.config import Config
 from gateway.notify import build_mail
 from gateway.render import RenderedMail
 
-from .conftest import RawClient, make_message, rows, send_raw_message, wait_for
+from .conftest import RawClient, cli, make_message, rows, send_raw_message, wait_for
 
 STAFF = '[staff]\naddresses = ["dana@example.org"]\nadmins = ["admin@example.org"]'
 
@@ -384,20 +381,6 @@ async def test_staff_note_is_never_sent(config: Config, gateway: Gateway) -> Non
     assert outbox(config, "staff-reply") == []
     [kind] = rows(config, "SELECT kind FROM messages WHERE sender = 'dana@example.org'")
     assert kind["kind"] == "note"
-
-
-def run_cli(config: Config, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def cli(config: Config, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(run_cli, config, *args, stdin=stdin)
 
 
 async def test_cli_reply_and_status_notify_the_client(config: Config, gateway: Gateway) -> None:

@@ -5,11 +5,8 @@ Tests start from an empty sender list (seed=False) and authorise exactly what th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import subprocess
-import sys
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +18,7 @@ from gateway import quarantine, store
 from gateway.app import Gateway
 from gateway.config import Config
 
-from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages
+from .conftest import RawClient, cli, make_message, rows, send_raw_message, stored_messages
 
 NOW = "2026-11-27T00:00:00.000000+00:00"
 
@@ -306,19 +303,6 @@ async def test_authorised_colleague_may_write_by_tag(config: Config, gateway: Ga
     )
     assert ticket_numbers(config) == [1]
     assert len(rows(config, "SELECT id FROM messages WHERE ticket = 1 AND direction = 'in'")) == 2
-
-
-def run_cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(run_cli, config, *args)
 
 
 async def test_quarantine_cli_release_discard_block(config: Config, gateway: Gateway) -> None:

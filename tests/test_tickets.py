@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -26,7 +24,7 @@ from gateway.config import Config
 from gateway.store import Filing, StoredMessage
 from gateway.tickets import make_token
 
-from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages
+from .conftest import RawClient, make_message, rows, run_cli, send_raw_message, stored_messages
 
 DATA = Path(__file__).resolve().parent / "data" / "tickets"
 
@@ -390,15 +388,6 @@ async def test_attachment_with_traversal_name_is_content_addressed(
     # Nothing but the database grew in the state folder: no file was named after the mail.
     created = {p for p in set(tmp_path.rglob("*")) - before if "gateway.db" not in p.name}
     assert created == set()
-
-
-def run_cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--config", str(config.path), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_tickets_cli_contract(config: Config, gateway: Gateway) -> None:
