@@ -215,7 +215,8 @@ def judge(
     """Whether mail with this From domain is shown forged, given trusted results only.
 
     `results` must come from `trusted_results`. In order: a DMARC fail makes it forged
-    (whichever header.from it names: the upstream then read a different From than we do).
+    (whichever header.from it names), and so does a DMARC result of any kind for another
+    header.from than this From domain (the upstream then read a different From than we do).
     Then, when `require_authentication`, it is forged unless there is an aligned DKIM or
     SPF pass (or a DMARC pass for this From domain, which by RFC 7489 means one), from the
     trusted results or our own DKIM check. If our own check hit a DNS temporary error on
@@ -226,6 +227,12 @@ def judge(
     from_norm = _normalise_domain(from_domain)
     if any(r.method == "dmarc" and r.result == "fail" for r in results):
         return AuthVerdict(forged=True, reason="dmarc-fail", passes=(), temperror=False)
+    # RFC 7489 section 6.6.1: DMARC is evaluated on the RFC5322.From domain. A result
+    # (pass or anything else) naming another header.from means the verifier read a
+    # different From than we do (two From fields, or one it parsed otherwise): the From
+    # we are about to trust is not the one that was checked.
+    if any(r.method == "dmarc" and r.domain is not None and r.domain != from_norm for r in results):
+        return AuthVerdict(forged=True, reason="dmarc-other-from", passes=(), temperror=False)
     passes: list[str] = []
     unaligned: list[str] = []
 
@@ -457,7 +464,14 @@ def _tag_domain(tags: dict[bytes, bytes]) -> str | None:
 def _judge_field(
     value: str, trusted: frozenset[str], own: str
 ) -> tuple[tuple[AuthResult, ...] | None, str]:
-    """(results, "") for a trusted field, else (None, why it is ignored)."""
+    """(results, "") for a trusted field, else (None, why it is ignored).
+
+    Trust is given to the exact authserv-id token only, written first in the field: the
+    front MTA removes fields "carrying its own authserv-id" (RFC 8601 section 5) by
+    comparing that token, so any other spelling the grammar or a tolerant reader allows
+    (a quoted string, a quoted-pair, a comment before it, a trailing dot) survives the
+    strip and must not be read as its word.
+    """
     parsed = parse_authentication_results(value)
     if parsed is None:
         return None, "unparseable"
@@ -466,10 +480,27 @@ def _judge_field(
         return None, "missing-authserv-id"
     if authserv_id.rstrip(".") == own:
         return None, "own-authserv-id-from-outside"
-    if authserv_id.rstrip(".") not in trusted:
-        shown = _REASON_ID.sub("?", authserv_id[:64])
-        return None, f"untrusted-authserv-id:{shown}"
-    return results, ""
+    token = _leading_token(value)
+    exact = token is not None and token.lower() == authserv_id
+    if exact and authserv_id in trusted:
+        return results, ""
+    shown = _REASON_ID.sub("?", authserv_id[:64])
+    if authserv_id.rstrip(".") in trusted:
+        # A trusted id, spelled so that the front MTA's strip would not have matched it.
+        return None, f"inexact-authserv-id:{shown}"
+    return None, f"untrusted-authserv-id:{shown}"
+
+
+# RFC 2045 token characters (the authserv-id "value" of RFC 8601 section 2.2, unquoted):
+# any printable ASCII but SPACE and tspecials. It must end where CFWS, ";" or the end of
+# the field begins (a version number may follow after CFWS).
+_LEADING_TOKEN = re.compile(r"[ \t\r\n]*([!#$%&'*+\-.0-9A-Z^_`a-z{|}~]{1,255})(?=[ \t\r\n;(]|\Z)")
+
+
+def _leading_token(value: str) -> str | None:
+    """The authserv-id exactly as written first in the field, if it is a plain token."""
+    match = _LEADING_TOKEN.match(value)
+    return match.group(1) if match else None
 
 
 def _normalise_ids(ids: Collection[str]) -> frozenset[str]:

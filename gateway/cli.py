@@ -26,7 +26,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from . import __version__, store
 from .address import is_our_domain, match_mailbox, parse_sender
-from .config import Config, ConfigError, config_path, load_config
+from .config import Config, ConfigError, config_path, config_warnings, load_config
 from .notify import Planner
 from .render import TemplateError, Templates
 from .tickets import Status
@@ -155,6 +155,8 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(f"  mailboxes {mailboxes}")
     print(f"  tls       {'STARTTLS offered' if config.smtp.tls_enabled else 'off'}")
     print(f"  templates {config.templates_path} (checked)")
+    for warning in config_warnings(config):
+        print(f"gateway: WARNING: {warning}", file=sys.stderr)
     return 0
 
 

@@ -139,6 +139,10 @@ class StaffConfig:
     admins: tuple[str, ...] = ()
     # Put the staff member's name and address in replies to clients (else only the desk's).
     show_staff_address: bool = False
+    # Mail from a staff address counts as staff only with an aligned DKIM or SPF pass (a
+    # trusted upstream's Authentication-Results or our own DKIM check); without one it
+    # is held as "unauthenticated". Anyone can write a staff address into From.
+    require_authentication: bool = True
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,26 @@ class Config:
         if self.storage.min_free_space:
             return self.storage.min_free_space
         return int(1.5 * self.smtp.max_message_size * self.smtp.data_slots)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but unsafe: check-config prints them, the daemon logs them."""
+    warnings: list[str] = []
+    staff = config.staff
+    has_staff = bool(staff.addresses or staff.domains)
+    if not staff.require_authentication:
+        warnings.append(
+            "staff.require_authentication is false: anyone who writes a staff address "
+            "into From and a ticket's reply token or one of our Message-IDs into the mail "
+            "speaks as staff, and the text is mailed to the client"
+        )
+    elif has_staff and not (config.policy.trusted_authserv_ids or config.policy.verify_dkim):
+        warnings.append(
+            "staff.require_authentication is on but neither policy.trusted_authserv_ids "
+            "nor policy.verify_dkim is set: nothing can authenticate staff mail, so every "
+            "mail from a staff address will be held as unauthenticated"
+        )
+    return warnings
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:

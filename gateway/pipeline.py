@@ -27,7 +27,7 @@ from functools import partial
 from . import authn, store
 from .address import match_mailbox, parse_sender
 from .classify import Classification, DeliveryReport, Kind, OwnIdentity, classify
-from .config import Config, MailboxConfig
+from .config import Config, MailboxConfig, config_warnings
 from .inbound import InboundMessage, ParserPool, scan_header_block
 from .logs import event
 from .lookalike import skeleton
@@ -124,6 +124,7 @@ class Outcome:
     row_id: int | None = None
     filing: Filing | None = None
     quarantine: int | None = None
+    flags: tuple[str, ...] = ()  # e.g. "reused-message-id": kept, logged, audited
 
 
 def own_identity(config: Config) -> OwnIdentity:
@@ -151,8 +152,15 @@ def sender_identity(parsed: InboundMessage) -> tuple[str | None, str | None]:
     """(the normalised From address, or why there is none we can use).
 
     Identity is the From header alone: never Reply-To or Sender, which anyone may set
-    without affecting what the recipient sees as the author.
+    without affecting what the recipient sees as the author. It is strict: RFC 5322
+    section 3.6 allows exactly one From field, and a From that a parser had to repair
+    ("alice@client.example <mallory@evil.example>", "a@x;b@y") is read differently by
+    different programs, so the address we would file under may not be the one a mail
+    program shows, nor the one an upstream verifier checked.
     """
+    fields = sum(1 for name, _value in parsed.headers if name.lower() == "from")
+    if fields > 1:
+        return None, "several-fields"
     if not parsed.from_header and not parsed.from_addresses:
         return None, "missing"
     if parsed.from_header and _GROUP_SYNTAX.search(parsed.from_header):
@@ -161,8 +169,29 @@ def sender_identity(parsed: InboundMessage) -> tuple[str | None, str | None]:
         return None, "several"
     if not parsed.from_addresses:
         return None, "unparseable"
+    if any(_is_from_defect(defect) for defect in parsed.defects):
+        return None, "defects"
     sender = parse_sender(parsed.from_addresses[0][1])
     return (sender, None) if sender else (None, "unparseable")
+
+
+def _is_from_defect(defect: str) -> bool:
+    """A parser defect that makes From ambiguous (gateway.inbound writes them as
+    "header From: <defect class>" and "From addresses: ...").
+
+    Obsolete syntax (RFC 5322 section 4: "Dr. Alice <alice@x>", which must be accepted)
+    and non-ASCII bytes (an RFC 6532 address) name the address unambiguously; an invalid
+    header, or one the parser could not read at all, does not.
+    """
+    text = defect.lower()
+    if text.startswith("from addresses:"):
+        return True
+    if not text.startswith("header from:"):
+        return False
+    return any(
+        marker in text
+        for marker in ("invalidheaderdefect", "headermissingrequiredvalue", "compat32")
+    )
 
 
 def thread_facts(
@@ -241,6 +270,8 @@ class Pipeline:
         # A broken template stops the daemon now, not at the first client's mail.
         templates.check()
         self.planner = Planner(self.config, templates, self.token_secret)
+        for warning in config_warnings(self.config):
+            event("config.warning", logging.WARNING, detail=warning)
 
     async def receive(self, envelope: Envelope, raw: bytes) -> IntakeResult:
         queue_id = new_queue_id()
@@ -328,10 +359,13 @@ class Pipeline:
                 min_key_bits=policy.dkim_min_key_bits,
                 timeout=policy.dns_timeout,
             )
+        # A staff address must prove itself ([staff] require_authentication): without an
+        # aligned pass it is "forged" here, and the forged_known_sender rule holds it.
+        staff_proof = self.config.staff.require_authentication and self.config.is_staff(sender)
         return authn.judge(
             sender.rpartition("@")[2],
             results,
-            require_authentication=policy.require_authentication,
+            require_authentication=policy.require_authentication or staff_proof,
             own_dkim=own_dkim,
         )
 
@@ -420,6 +454,7 @@ class Pipeline:
             "disposition": decision.disposition,
             "reason": decision.reason,
             "hits": ",".join(decision.reasons),
+            "flags": ",".join(outcome.flags) or None,
         }
         if decision.disposition is Disposition.REJECT:
             event("message.refused", **fields)
@@ -468,7 +503,8 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
             filing = Filing(None, intake.kind, Via.DUPLICATE, duplicate_of=original)
             duplicate = Verdict(Disposition.FILE, Reason.DUPLICATE, verdict.hits)
             return Outcome(duplicate, store.insert_message(conn, record, filing), filing)
-    record = dataclasses.replace(record, reasons=(*record.reasons, *verdict.reasons))
+    flags = _flags(conn, record, facts)
+    record = dataclasses.replace(record, reasons=(*record.reasons, *verdict.reasons, *flags))
     if verdict.disposition is Disposition.QUARANTINE:
         row_id = store.insert_message(conn, record, None)
         quarantine_id = store.hold_message(conn, row_id, verdict.reasons, now)
@@ -480,12 +516,42 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
             subject=f"quarantine:{quarantine_id}",
             detail={"message": row_id, "reasons": list(verdict.reasons)},
         )
+        _record_flags(conn, record, row_id, flags, now)
         _tell_admins(conn, intake, found, verdict, quarantine_id, now)
-        return Outcome(verdict, row_id, quarantine=quarantine_id)
+        return Outcome(verdict, row_id, quarantine=quarantine_id, flags=flags)
     row_id, filing = file_message(
         conn, intake, record, organisation=found.organisation, event=found.event
     )
-    return Outcome(verdict, row_id, filing)
+    _record_flags(conn, record, row_id, flags, now)
+    return Outcome(verdict, row_id, filing, flags=flags)
+
+
+def _flags(conn: sqlite3.Connection, record: StoredMessage, facts: PolicyFacts) -> tuple[str, ...]:
+    """What is suspicious about a message without deciding its fate: a Message-ID that
+    another sender's mail was stored with first (RFC 5322 section 3.6.4 makes it unique
+    to one message; a second sender using it is a collision or an attempt to capture the
+    first one's replies). Threading only ever follows the first row (store.TicketQueries),
+    so the reusing mail is kept apart; the flag makes the attempt visible."""
+    if not record.message_id:
+        return ()
+    first = store.first_inbound_with_message_id(conn, record.message_id)
+    if first is not None and first[1] != facts.sender:
+        return (Reason.REUSED_MESSAGE_ID,)
+    return ()
+
+
+def _record_flags(
+    conn: sqlite3.Connection, record: StoredMessage, row_id: int, flags: tuple[str, ...], now: str
+) -> None:
+    for flag in flags:
+        store.record_event(
+            conn,
+            time=now,
+            actor=record.sender or record.mail_from or "<>",
+            action="message.flagged",
+            subject=f"message:{row_id}",
+            detail={"message": row_id, "reason": flag, "message_id": record.message_id},
+        )
 
 
 def _tell_admins(
@@ -505,8 +571,9 @@ def _tell_admins(
     facts = found.facts
     if facts.loop_reason == "rate":
         threshold = planner.config.policy.loop_threshold_per_hour
-        # The first message over the threshold trips the rule: tell the admins then only.
-        if facts.sender and found.recent == threshold:
+        # The first message held over the threshold trips the rule: tell the admins then
+        # only (held mail is not counted, so the count stays at the threshold).
+        if facts.sender and not found.loop_held_before:
             loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
             planner.tell_admins(conn, MailKind.LOOP_NOTICE, lambda: loop_context, now)
         return
@@ -545,8 +612,9 @@ class Lookups:
 
     facts: PolicyFacts  # completed from the sender list
     organisation: int | None  # the sender's, if it is authorised
-    recent: int  # its messages of the last hour before this one (capped), for the loop rule
+    recent: int  # its filed messages of the last hour before this one (capped), for the loop rule
     event: EventTicket | None  # for automatic mail (auto-replies, bounces): its ticket
+    loop_held_before: bool = False  # the loop rule already held its mail this hour
 
 
 def _look_up(conn: sqlite3.Connection, intake: Intake) -> Lookups:
@@ -554,6 +622,7 @@ def _look_up(conn: sqlite3.Connection, intake: Intake) -> Lookups:
     updates: dict[str, object] = {}
     organisation = None
     recent = 0
+    loop_held_before = False
     if facts.sender and intake.planner is not None:
         # More than loop_threshold_per_hour messages from one From in an hour: a mail
         # loop with a machine that does not mark its mail (RELIABILITY 40).
@@ -563,6 +632,7 @@ def _look_up(conn: sqlite3.Connection, intake: Intake) -> Lookups:
         recent = store.count_inbound_from(conn, facts.sender, since=since, cap=threshold + 2)
         if recent >= threshold:
             updates["loop_reason"] = "rate"
+            loop_held_before = store.held_for_loop_since(conn, facts.sender, since=since)
     if facts.sender:
         found = store.sender_record(conn, facts.sender)
         if found is not None:
@@ -576,7 +646,7 @@ def _look_up(conn: sqlite3.Connection, intake: Intake) -> Lookups:
         event = _event_ticket(conn, TicketQueries(conn), intake)
         updates["known_ticket"] = event.ticket is not None
     facts = dataclasses.replace(facts, **updates)  # type: ignore[arg-type]
-    return Lookups(facts, organisation, recent, event)
+    return Lookups(facts, organisation, recent, event, loop_held_before)
 
 
 def file_message(
@@ -696,9 +766,15 @@ def _file_staff_mail(
     save: Callable[[Filing], int],
 ) -> tuple[int, Filing]:
     """Staff writing into a ticket: a public reply the client receives (and the ticket
-    then waits on them), or, with "#note" as its first line, an internal note."""
+    then waits on them), or, with "#note" as its first line, an internal note.
+
+    Mail an admin released from the quarantine is always a note: it was held because
+    nothing proved a staff member wrote it, and a release vouches that it may be filed,
+    not that its text may go to the client in the desk's name. Staff send it on with
+    `gateway tickets reply` if it is theirs.
+    """
     text = (record.text or "").lstrip()
-    if text.lower().startswith("#note"):
+    if intake.facts.released or text.lower().startswith("#note"):
         filing = Filing(number, MessageKind.NOTE, via)
         store.update_ticket(conn, number, now=now)
         row_id = save(filing)
@@ -709,7 +785,7 @@ def _file_staff_mail(
             action="ticket.noted",
             subject=f"ticket:{number}",
             ticket=number,
-            detail={"message": row_id},
+            detail={"message": row_id, "released": intake.facts.released},
         )
         return row_id, filing
     filing = Filing(number, MessageKind.STAFF, via)
@@ -731,20 +807,24 @@ def _file_staff_mail(
 
 
 def _event_ticket(conn: sqlite3.Connection, queries: TicketQueries, intake: Intake) -> EventTicket:
-    """The ticket an auto-reply or bounce belongs to, if it clearly belongs to one."""
+    """The ticket an auto-reply or bounce belongs to, if it clearly belongs to one.
+
+    Only by what our own mail carried: the report's original Message-ID or a cited one
+    being one we sent, or our reply token. "Automatic" is the sender's own claim, so the
+    subject tag or a client's Message-ID (which anyone may cite) never makes it an event
+    on a ticket, nor lets it pass the rules about the sender (policy.py).
+    """
     report = intake.report
     if report is not None and report.original_message_id:
         ours = store.outgoing_message(conn, report.original_message_id)
         if ours is not None:
             return EventTicket(ours[0], Via.REFERENCES, tuple(ours[1]))
-        found = queries.ticket_for_message_ids([report.original_message_id])
-        if found is not None:
-            return EventTicket(found.number, Via.REFERENCES)
-    decision = thread_message(intake.thread, queries)
-    if decision.ticket is not None:
-        return EventTicket(decision.ticket.number, decision.via)
-    if decision.follows is not None:
-        return EventTicket(decision.follows, Via.REFERENCES)
+    thread = intake.thread
+    if thread.token_ticket is not None and queries.ticket(thread.token_ticket) is not None:
+        return EventTicket(thread.token_ticket, Via.TOKEN)
+    found = queries.ticket_for_message_ids(thread.references, None)
+    if found is not None:
+        return EventTicket(found.number, Via.REFERENCES)
     return EventTicket(None, Via.NONE)
 
 

@@ -38,6 +38,9 @@ class Reason(StrEnum):
     TICKET_EVENT = "ticket-event"
     UNKNOWN_SENDER = "unknown-sender"
     DUPLICATE = "duplicate"  # a copy of a message already stored: filed with the first
+    # Not a rule's reason but a flag kept with the others: another sender's mail was
+    # stored first with this Message-ID (pipeline._flags).
+    REUSED_MESSAGE_ID = "reused-message-id"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class PolicyFacts:
     forged: str | None  # why the message is shown forged (only asked of known senders)
     auth_temperror: bool
     lookalike_of: str | None  # the authorised or staff address it imitates
-    known_ticket: bool  # an auto-reply or bounce that threads into an existing ticket
+    known_ticket: bool  # an auto-reply or bounce about mail we sent (our Message-ID or token)
     released: bool  # an admin released it from the quarantine: they vouch for the sender
     unknown_sender: str  # "quarantine" or "reject" ([policy] unknown_sender)
 
@@ -155,15 +158,18 @@ RULES: tuple[tuple[Rule, Disposition | Callable[[PolicyFacts], Disposition]], ..
     (inbound_flood, Disposition.QUARANTINE),
     # An admin's release vouches for everything below: it files what was held.
     (released, Disposition.FILE),
-    # An auto-reply or bounce about a ticket we know is an event on it and carries no
-    # authority (it never opens, reopens or gets an answer), while its From is routinely
-    # unusable ("MAILER-DAEMON <>"): file it before any rule about the sender.
-    (automatic_for_known_ticket, Disposition.FILE),
-    (unparseable, Disposition.QUARANTINE),
-    (malformed_from, Disposition.QUARANTINE),
+    # "Automatic" is the sender's own claim (an Auto-Submitted header, an "Out of office"
+    # subject): a known address shown forged, or a look-alike, is held whatever it claims.
     (forged_known_sender, Disposition.QUARANTINE),
     (auth_undecided, Disposition.TEMPFAIL),
     (lookalike, Disposition.QUARANTINE),
+    # An auto-reply or bounce about mail we sent (our Message-ID or reply token) is an
+    # event on its ticket and carries no authority (it never opens, reopens or gets an
+    # answer), while its From is routinely unusable ("MAILER-DAEMON <>"): file it before
+    # the rules about the From's shape and the sender list.
+    (automatic_for_known_ticket, Disposition.FILE),
+    (unparseable, Disposition.QUARANTINE),
+    (malformed_from, Disposition.QUARANTINE),
     (staff, Disposition.FILE),
     (authorised, Disposition.FILE),
     (unknown_sender, _unknown_disposition),

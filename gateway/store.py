@@ -558,16 +558,34 @@ class TicketQueries:
         ).fetchone()
         return None if row is None else TicketRef(row["number"], Status(row["status"]))
 
-    def ticket_for_message_ids(self, message_ids: Sequence[str]) -> TicketRef | None:
-        # One indexed lookup per id, in the caller's order of preference.
+    def ticket_for_message_ids(
+        self, message_ids: Sequence[str], sender: str | None
+    ) -> TicketRef | None:
+        """tickets.TicketLookup.ticket_for_message_ids: our own outgoing IDs for anyone;
+        a client's ID only for `sender` who may write to its ticket, and only the first
+        row stored with it (a later mail reusing the ID is kept apart)."""
+        # One or two indexed lookups per id, in the caller's order of preference.
         for message_id in message_ids:
             row = self.conn.execute(
                 """
                 SELECT t.number, t.status FROM messages m JOIN tickets t ON t.number = m.ticket
-                WHERE m.message_id = ? ORDER BY m.id DESC LIMIT 1
+                WHERE m.message_id = ? AND m.direction = 'out' ORDER BY m.id LIMIT 1
                 """,
                 (message_id,),
             ).fetchone()
+            if row is None and sender is not None:
+                row = self.conn.execute(
+                    """
+                    SELECT t.number, t.status FROM tickets t JOIN (
+                        SELECT ticket FROM messages
+                        WHERE message_id = ? AND direction = 'in' AND duplicate_of IS NULL
+                        ORDER BY id LIMIT 1
+                    ) first ON t.number = first.ticket
+                    """,
+                    (message_id,),
+                ).fetchone()
+                if row is not None and not self.may_write(row["number"], sender):
+                    row = None
             if row is not None:
                 return TicketRef(row["number"], Status(row["status"]))
         return None
@@ -881,19 +899,54 @@ def count_automatic_mail(conn: sqlite3.Connection, to: str, *, since: str) -> in
 
 
 def count_inbound_from(conn: sqlite3.Connection, sender: str, *, since: str, cap: int) -> int:
-    """Messages received from a From address since a time (the loop rule), counted up to
+    """Messages a From address really sent since a time (the loop rule), counted up to
     `cap` only: the rule needs to know "over the threshold", and a full count would grow
-    with a busy sender's history on every message."""
+    with a busy sender's history on every message.
+
+    Only filed mail counts (`kind` is set when a message is filed, on receipt or on its
+    release), and not second copies: held mail in someone's name (forged, a look-alike,
+    unknown) is anyone's word, and counting it would let a forger mute the real sender.
+    """
     row = conn.execute(
         """
         SELECT COUNT(*) FROM (
             SELECT 1 FROM messages
-            WHERE sender = ? AND received_at >= ? AND direction = 'in' LIMIT ?
+            WHERE sender = ? AND received_at >= ? AND direction = 'in'
+              AND kind IS NOT NULL AND duplicate_of IS NULL
+            LIMIT ?
         )
         """,
         (sender, since, cap),
     ).fetchone()
     return int(row[0])
+
+
+def held_for_loop_since(conn: sqlite3.Connection, sender: str, *, since: str) -> bool:
+    """Whether the loop rule (reason "loop") held mail from this address since a time."""
+    row = conn.execute(
+        """
+        SELECT 1 FROM messages m JOIN quarantine q ON q.message = m.id
+        WHERE m.sender = ? AND m.received_at >= ? AND m.direction = 'in'
+          AND q.reasons LIKE '["loop"%'
+        LIMIT 1
+        """,
+        (sender, since),
+    ).fetchone()
+    return row is not None
+
+
+def first_inbound_with_message_id(
+    conn: sqlite3.Connection, message_id: str
+) -> tuple[int, str | None] | None:
+    """(id, sender) of the first incoming row stored with this Message-ID, if any."""
+    row = conn.execute(
+        """
+        SELECT id, sender FROM messages
+        WHERE message_id = ? AND direction = 'in' ORDER BY id LIMIT 1
+        """,
+        (message_id,),
+    ).fetchone()
+    return None if row is None else (int(row["id"]), row["sender"])
 
 
 def add_note(conn: sqlite3.Connection, ticket: int, *, text: str, author: str, now: str) -> int:

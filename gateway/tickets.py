@@ -4,6 +4,13 @@ The order is DESIGN.md's: the signed reply token in the recipient address, then
 In-Reply-To/References naming a Message-ID we stored, then the subject tag - the tag only
 when the sender may write to that ticket. It must never attach mail to a ticket on the
 word of a stranger: a tag or a token we cannot verify is ignored, not trusted.
+
+Message-IDs are chosen by whoever writes the mail, so only our own outgoing IDs are keys
+anyone may use (they were only ever sent to the ticket's people); a client's ID threads
+only mail from someone who may write to that ticket, and the first stored row with an ID
+is the one it names (a later mail reusing it captures nothing). Staff mail threads by our
+own reply token or our own Message-ID only: a staff reply is mailed to the client, so it
+needs a key only the desk's mail carried, never the tag or a client's ID.
 """
 
 from __future__ import annotations
@@ -113,7 +120,13 @@ class TicketLookup(Protocol):
 
     def ticket(self, number: int) -> TicketRef | None: ...
 
-    def ticket_for_message_ids(self, message_ids: Sequence[str]) -> TicketRef | None: ...
+    def ticket_for_message_ids(
+        self, message_ids: Sequence[str], sender: str | None
+    ) -> TicketRef | None:
+        """The ticket of the first of `message_ids` that names one: our own outgoing
+        mail's, or (when `sender` is given) the first stored incoming row's, if `sender`
+        may write to that ticket. `sender` None: our own Message-IDs only."""
+        ...
 
     def may_write(self, number: int, address: str) -> bool: ...
 
@@ -126,7 +139,9 @@ class ThreadFacts:
     token_ticket: int | None  # from a verified reply token, else None
     references: tuple[str, ...]  # In-Reply-To first, then References newest first
     tagged: tuple[int, ...]  # ticket numbers tagged in the subject
-    staff: bool = False  # the desk's own staff may write to any ticket
+    # Staff mail threads by our own token or Message-ID only (never the tag, never a
+    # client's Message-ID): what threads is a staff reply, mailed to the client.
+    staff: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,11 +159,12 @@ def thread_message(facts: ThreadFacts, lookup: TicketLookup) -> ThreadDecision:
         found = lookup.ticket(facts.token_ticket)
         via = Via.TOKEN
     if found is None and facts.references:
-        found = lookup.ticket_for_message_ids(facts.references)
+        sender = None if facts.staff else facts.sender
+        found = lookup.ticket_for_message_ids(facts.references, sender)
         via = Via.REFERENCES
-    if found is None and facts.sender:
+    if found is None and facts.sender and not facts.staff:
         for number in facts.tagged:
-            if facts.staff or lookup.may_write(number, facts.sender):
+            if lookup.may_write(number, facts.sender):
                 found = lookup.ticket(number)
                 via = Via.TAG
                 if found is not None:

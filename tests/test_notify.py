@@ -27,7 +27,12 @@ from gateway.render import RenderedMail
 
 from .conftest import RawClient, cli, make_message, rows, send_raw_message, wait_for
 
-STAFF = '[staff]\naddresses = ["dana@example.org"]\nadmins = ["admin@example.org"]'
+STAFF = (
+    '[staff]\naddresses = ["dana@example.org"]\nadmins = ["admin@example.org"]\n'
+    '[policy]\ntrusted_authserv_ids = ["mx.example.org"]'
+)
+# Staff mail counts as staff only when authenticated ([staff] require_authentication).
+DANA = "Authentication-Results: mx.example.org; dkim=pass header.d=example.org\r\n"
 
 
 @pytest.fixture
@@ -340,7 +345,7 @@ async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
     staff = make_message(
         subject="Re: [#1] Printer",
         sender="dana@example.org",
-        headers=f"In-Reply-To: {ack_id}\r\n",
+        headers=DANA + f"In-Reply-To: {ack_id}\r\n",
         body="Please restart it.\r\n\r\n-- \r\nDana\r\n",
     )
     await send(gateway, staff, sender="dana@example.org")
@@ -371,10 +376,11 @@ async def test_staff_reply_reaches_the_client_and_the_client_threads_back(
 
 async def test_staff_note_is_never_sent(config: Config, gateway: Gateway) -> None:
     await send(gateway, make_message(subject="Printer", message_id="<req@client.example.com>"))
+    [ack] = outbox(config, "acknowledgement")
     note = make_message(
         subject="Re: [#1] Printer",
         sender="dana@example.org",
-        headers="In-Reply-To: <req@client.example.com>\r\n",
+        headers=DANA + f"In-Reply-To: {ack['message_id']}\r\n",
         body="#note the client is on the old firmware\r\n",
     )
     await send(gateway, note, sender="dana@example.org")
@@ -444,7 +450,7 @@ async def test_end_to_end_through_a_real_relay(
     staff = make_message(
         subject="Re: [#1] Printer",
         sender="dana@example.org",
-        headers=f"In-Reply-To: {ack['Message-ID']}\r\n",
+        headers=DANA + f"In-Reply-To: {ack['Message-ID']}\r\n",
         body="Please restart it.\r\n",
     )
     await send(gateway, staff, sender="dana@example.org")
@@ -468,12 +474,21 @@ async def test_end_to_end_through_a_real_relay(
     assert {row["status"] for row in outbox(config)} == {"sent"}
 
 
-async def test_staff_reply_by_subject_tag_alone(config: Config, gateway: Gateway) -> None:
-    # Staff may write to any ticket: the tag is enough, no threading headers needed.
+async def test_staff_reply_by_subject_tag_alone_is_never_a_staff_reply(
+    config: Config, gateway: Gateway
+) -> None:
+    # Issue 9: the tag is no proof (anyone can write "[#1]" and a staff From). Without
+    # authentication the mail is held; authenticated, it opens a ticket of its own. In
+    # neither case is anything mailed to the client of #1.
     await send(gateway, make_message(subject="Printer"))
     staff = make_message(subject="Re: [#1] Printer", sender="dana@example.org", body="On it.\r\n")
     await send(gateway, staff, sender="dana@example.org")
-    assert len(rows(config, "SELECT number FROM tickets")) == 1
-    assert status_of(config, 1) == "pending"
-    [reply] = await built(config, "staff-reply")
-    assert "On it." in body_text(parsed(reply))
+    [held] = rows(config, "SELECT reasons FROM quarantine WHERE status = 'held'")
+    assert held["reasons"].startswith('["unauthenticated"')
+    verified = make_message(
+        subject="Re: [#1] Printer", sender="dana@example.org", headers=DANA, body="On it.\r\n"
+    )
+    await send(gateway, verified, sender="dana@example.org")
+    assert len(rows(config, "SELECT number FROM tickets")) == 2
+    assert status_of(config, 1) == "new"
+    assert outbox(config, "staff-reply") == []

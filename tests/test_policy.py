@@ -66,6 +66,12 @@ def held(config: Config) -> list[dict[str, Any]]:
         return store.list_quarantine(conn)
 
 
+def ack_id(config: Config) -> str:
+    """The Message-ID of our (first) acknowledgement: what a real auto-reply cites."""
+    found = rows(config, "SELECT message_id FROM outbox WHERE kind = 'acknowledgement'")
+    return str(found[0]["message_id"])
+
+
 def ticket_numbers(config: Config) -> list[int]:
     return [int(r["number"]) for r in rows(config, "SELECT number FROM tickets ORDER BY number")]
 
@@ -157,14 +163,22 @@ async def test_blocked_sender_is_refused_even_if_authorised(
     assert stored_messages(config) == []
 
 
-async def test_staff_mail_is_filed(make_config: Any, start_gateway: Any) -> None:
+async def test_staff_mail_is_filed_only_when_authenticated(
+    make_config: Any, start_gateway: Any
+) -> None:
     config = make_config(
-        extra='[staff]\naddresses = ["Dana@Example.org"]\ndomains = ["staff.example.org"]'
+        extra='[staff]\naddresses = ["Dana@Example.org"]\ndomains = ["staff.example.org"]\n'
+        '[policy]\ntrusted_authserv_ids = ["mx.example.org"]'
     )
     gateway = await start_gateway(config, seed=False)
-    await send(gateway, acme(sender="dana@example.org"), sender="dana@example.org")
-    await send(gateway, acme(sender="eve@staff.example.org"), sender="eve@staff.example.org")
+    for sender in ("dana@example.org", "eve@staff.example.org"):
+        domain = sender.partition("@")[2]
+        verified = f"Authentication-Results: mx.example.org; dkim=pass header.d={domain}\r\n"
+        await send(gateway, acme(sender=sender, headers=verified), sender=sender)
+        # [staff] require_authentication (the default): a staff From without proof.
+        await send(gateway, acme(sender=sender), sender=sender)
     assert ticket_numbers(config) == [1, 2]
+    assert [e["reasons"][0] for e in held(config)] == ["unauthenticated", "unauthenticated"]
 
 
 @pytest.mark.parametrize(
@@ -261,7 +275,7 @@ async def test_auto_reply_for_a_known_ticket_is_filed_as_an_event(
     await send(gateway, acme(message_id="<req@acme.example>"))
     ooo = make_message(
         sender="robot@elsewhere.example.net",
-        headers="Auto-Submitted: auto-replied\r\nIn-Reply-To: <req@acme.example>\r\n",
+        headers=f"Auto-Submitted: auto-replied\r\nIn-Reply-To: {ack_id(config)}\r\n",
     )
     await send(gateway, ooo, sender="robot@elsewhere.example.net")
     kinds = [
@@ -269,9 +283,11 @@ async def test_auto_reply_for_a_known_ticket_is_filed_as_an_event(
         for r in rows(config, "SELECT kind FROM messages WHERE ticket = 1 AND direction = 'in'")
     ]
     assert kinds == ["client", "auto-reply"]
-    # The same auto-reply about nothing we know is just an unknown sender.
+    # The same auto-reply about nothing we sent is just an unknown sender, even when it
+    # cites the client's own Message-ID.
     stray = make_message(
-        sender="robot@elsewhere.example.net", headers="Auto-Submitted: auto-replied\r\n"
+        sender="robot@elsewhere.example.net",
+        headers="Auto-Submitted: auto-replied\r\nIn-Reply-To: <req@acme.example>\r\n",
     )
     await send(gateway, stray, sender="robot@elsewhere.example.net")
     assert [e["reasons"][0] for e in held(config)] == ["unknown-sender"]
@@ -382,7 +398,8 @@ async def test_held_mail_expires_with_an_audit_event(config: Config, gateway: Ga
 
 async def test_bounce_with_unusable_from_joins_its_ticket(config: Config, gateway: Gateway) -> None:
     # Many MTAs write "MAILER-DAEMON <>" or a bare "<MAILER-DAEMON>" as the From of their
-    # bounces: the report, not the From, says what the mail is about.
+    # bounces: the report, not the From, says what the mail is about (here: our
+    # acknowledgement, by its Message-ID).
     authorise(config, "alice@acme.example")
     await send(gateway, acme(message_id="<req@acme.example>"))
     bounce = (
@@ -390,7 +407,7 @@ async def test_bounce_with_unusable_from_joins_its_ticket(config: Config, gatewa
         b"To: support@example.org\r\n"
         b"Subject: Undelivered Mail Returned to Sender\r\n"
         b"Auto-Submitted: auto-replied\r\n"
-        b"In-Reply-To: <req@acme.example>\r\n"
+        b"In-Reply-To: " + ack_id(config).encode() + b"\r\n"
         b"\r\n"
         b"This is the mail system. Your message could not be delivered.\r\n"
     )

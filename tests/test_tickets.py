@@ -225,17 +225,26 @@ async def test_auto_reply_joins_its_ticket_without_reopening(
 ) -> None:
     await open_ticket(gateway)
     set_status(config, 1, "solved")
-    await send(
-        gateway,
-        fixture(
-            "auto-reply.eml",
-            threading="In-Reply-To: <first@client.example.com>",
-            mid="<ooo2@client.example.com>",
-        ),
-    )
+    [ack] = rows(config, "SELECT message_id FROM outbox WHERE kind = 'acknowledgement'")
+    # An auto-reply cites our acknowledgement: that, not the client's own Message-ID nor
+    # the tag (anyone can write those), makes it an event on the ticket.
+    for threading in (
+        f"In-Reply-To: {ack['message_id']}",
+        "In-Reply-To: <first@client.example.com>",
+    ):
+        await send(
+            gateway,
+            fixture(
+                "auto-reply.eml",
+                threading=threading,
+                mid=f"<ooo{len(threading)}@client.example.com>",
+                subject="Out of office: [#1] Invoice export fails",
+            ),
+        )
     shown = ticket(config, 1)
     assert shown["status"] == "solved"
     assert [m["kind"] for m in received(config, 1)] == ["client", "auto-reply"]
+    assert len(tickets(config)) == 1
 
 
 async def test_null_sender_mail_is_an_auto_reply(config: Config, gateway: Gateway) -> None:
@@ -302,10 +311,12 @@ async def test_bounce_of_our_own_mail_joins_the_ticket(config: Config, gateway: 
 
 async def test_forged_bounce_marks_nobody_undeliverable(config: Config, gateway: Gateway) -> None:
     await open_ticket(gateway)
-    # A report naming a client's message (not one we sent) joins the ticket as a bounce
-    # event, but cannot mark anyone undeliverable.
+    # A report naming a client's message (not one we sent) is no event on her ticket (a
+    # client's Message-ID is anyone's to cite), and cannot mark anyone undeliverable.
     await send(gateway, fixture("dsn-our-mail.eml", original="<first@client.example.com>"))
-    assert [m["kind"] for m in received(config, 1)] == ["client", "bounce"]
+    assert [m["kind"] for m in received(config, 1)] == ["client"]
+    [bounce] = [m for m in stored_messages(config) if m["classification"] == "bounce"]
+    assert bounce["ticket"] is None  # held: MAILER-DAEMON@mx.client.example.com is unknown
     assert rows(config, "SELECT * FROM undeliverable") == []
 
 
