@@ -352,6 +352,34 @@ def test_trusted_authserv_id_is_used_case_insensitively() -> None:
     assert reasons == ("unparseable",)
 
 
+@pytest.mark.parametrize(
+    "authserv_id",
+    [
+        f'"{FRONT_MX}"',  # a quoted-string (RFC 8601's grammar allows it; strips miss it)
+        f'"{FRONT_MX.replace(".", chr(92) + ".", 1)}"',  # with a quoted-pair
+        f"(front) {FRONT_MX}",  # a comment before the id
+        f"{FRONT_MX}.",  # a trailing dot
+        f"\t(x)\r\n {FRONT_MX}",
+    ],
+    ids=["quoted", "quoted-pair", "comment-first", "trailing-dot", "folded-comment"],
+)
+def test_only_the_exact_authserv_id_token_is_trusted(authserv_id: str) -> None:
+    """Issue 9 item 8: the front MTA strips fields whose first token is its id; any other
+    spelling of that id survives the strip, so it is no word of the front MTA's."""
+    value = f"{authserv_id}; dkim=pass header.d=acme.example"
+    results, reasons = trusted_results([ar(value)], TRUSTED, OWN_ID)
+    assert results == ()
+    assert reasons[0].startswith("inexact-authserv-id:")
+    stripped = strip_untrusted([ar(value)], TRUSTED, OWN_ID)
+    assert stripped == ()
+    # The exact token, with a comment or a version after it, is trusted.
+    for exact in (FRONT_MX, f"{FRONT_MX} (comment)", f"  {FRONT_MX} 1"):
+        found, _ = trusted_results(
+            [ar(f"{exact}; dkim=pass header.d=acme.example")], TRUSTED, OWN_ID
+        )
+        assert found == (AuthResult("dkim", "pass", "acme.example", FRONT_MX),)
+
+
 def test_reasons_cannot_carry_hostile_ids() -> None:
     _results, reasons = trusted_results(
         [ar("\u0435vil.EXAMPLE/\u202e; dkim=pass")], TRUSTED, OWN_ID
@@ -492,6 +520,24 @@ def test_dmarc_pass_counts_only_for_the_from_domain() -> None:
     assert judge("acme.example", ok, require_authentication=True).passes == ("dmarc:acme.example",)
     other = results_of("mx.front.example.org; dmarc=pass header.from=mail.acme.example")
     assert judge("acme.example", other, require_authentication=True).forged
+
+
+@pytest.mark.parametrize("result", ["pass", "fail", "none", "temperror"])
+def test_dmarc_result_for_another_from_domain_is_forged(result: str) -> None:
+    """Issue 9 item 3: the verifier read another From than ours (a second From field, or
+    one it parsed otherwise): its verdict, even a pass, is about some other message."""
+    results = results_of(
+        f"mx.front.example.org; dkim=pass header.d=evil.example; dmarc={result} "
+        "header.from=evil.example"
+    )
+    for required in (False, True):
+        verdict = judge("acme.example", results, require_authentication=required)
+        assert verdict.forged
+        assert verdict.reason == ("dmarc-fail" if result == "fail" else "dmarc-other-from")
+    # The same results for the From the verifier saw are not forged.
+    assert not judge("evil.example", results, require_authentication=True).forged or (
+        result == "fail"
+    )
 
 
 def test_without_require_authentication_nothing_is_not_forged() -> None:

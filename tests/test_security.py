@@ -291,6 +291,16 @@ async def test_ambiguous_from_is_malformed_from(
     assert tickets(config) == []
 
 
+async def test_obsolete_but_unambiguous_from_is_still_an_identity(
+    config: Config, gateway: Gateway
+) -> None:
+    # RFC 5322 section 4: "Dr. A. Example" (an unquoted "." in the phrase) must be
+    # accepted; it names one address without doubt.
+    raw = make_message().replace(b"From: Alice Example <", b"From: Dr. A. Example <")
+    await send(gateway, raw)
+    assert held(config) == [] and len(tickets(config)) == 1
+
+
 @pytest.mark.parametrize("result", ["pass", "fail"])
 async def test_dmarc_result_for_another_domain_is_forged(
     config: Config, gateway: Gateway, result: str
