@@ -508,7 +508,13 @@ def _tell_admins(
         # The first message over the threshold trips the rule: tell the admins then only.
         if facts.sender and found.recent == threshold:
             loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
-            planner.tell_admins(conn, MailKind.LOOP_NOTICE, lambda: loop_context, now)
+            planner.tell_admins(
+                conn,
+                MailKind.LOOP_NOTICE,
+                lambda: loop_context,
+                now,
+                about=f"sender:{facts.sender}",
+            )
         return
 
     def quarantine_context() -> dict[str, object]:
@@ -526,7 +532,14 @@ def _tell_admins(
             "cli": f"gateway quarantine show {quarantine_id}",
         }
 
-    planner.tell_admins(conn, MailKind.QUARANTINE_NOTICE, quarantine_context, now)
+    planner.tell_admins(
+        conn,
+        MailKind.QUARANTINE_NOTICE,
+        quarantine_context,
+        now,
+        reasons=verdict.reasons,
+        about=f"quarantine:{quarantine_id}",
+    )
 
 
 @dataclass(frozen=True)
