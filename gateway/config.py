@@ -129,6 +129,12 @@ class PolicyConfig:
     max_auto_replies_per_hour: int = 5
     max_auto_replies_per_day: int = 20
     loop_threshold_per_hour: int = 20
+    # Notices to each admin per hour, capped per kind so that one kind cannot use up
+    # another's: held mail, held mail that claims or imitates an identity
+    # (unauthenticated, lookalike), and tripped loop rules.
+    max_quarantine_notices_per_hour: int = 5
+    max_security_notices_per_hour: int = 20
+    max_loop_notices_per_hour: int = 5
 
 
 @dataclass(frozen=True)
@@ -476,6 +482,9 @@ def _validate(config: Config) -> None:
         "max_auto_replies_per_hour",
         "max_auto_replies_per_day",
         "loop_threshold_per_hour",
+        "max_quarantine_notices_per_hour",
+        "max_security_notices_per_hour",
+        "max_loop_notices_per_hour",
     ):
         if getattr(policy, key) < 1:
             raise ConfigError(f"policy.{key}: must be at least 1, got {getattr(policy, key)}")

@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import sqlite3
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,10 +43,28 @@ from .tickets import SubjectTag, make_token
 MAX_SUBJECT = 120
 MAX_HEADER = 200
 MAX_REFERENCES = 20
+# Issue 9: what we quote of a client's subject (in our Subject and in the body of every
+# mail that names the ticket), so that an acknowledgement cannot carry 16 KiB of anyone's
+# words to whatever address they forged.
+MAX_QUOTED_SUBJECT = 200
 
 # Everything Python, mail programs or terminals may take for a line break, and the other
-# C0/C1 controls: none of them may reach a header we generate.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# C0/C1 controls, and lone surrogates (unencodable): none of them may reach a header we
+# generate. Replaced by a space.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+# Unicode format characters (category Cf), removed: the bidi embeddings, overrides and
+# isolates (U+202A-202E, U+2066-2069), the marks U+200E/200F/061C, which can make a
+# subject or name read as something else (Trojan Source, CVE-2021-42574), and the
+# invisible ones (U+200B, U+2060, U+FEFF, tag characters). Only ZWNJ and ZWJ
+# (U+200C/200D) stay: Persian, Indic scripts and emoji sequences need them, and they
+# cannot reorder text. tests/test_security_outgoing.py checks this list against the
+# Unicode database.
+_FORMAT = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b"
+    "\u200e-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]+"
+)
 _SPACES = re.compile(r"\s+")
 
 
@@ -54,15 +73,46 @@ class MailKind(StrEnum):
     STAFF_REPLY = "staff-reply"
     STATUS_CHANGE = "status-change"
     QUARANTINE_NOTICE = "quarantine-notice"
+    # A held message that claims an identity it could not prove, or imitates one
+    # (reasons `unauthenticated`, `lookalike`): the quarantine notice's template, with a
+    # cap of its own so that junk held mail can never use up the admins' attention.
+    SECURITY_NOTICE = "security-notice"
     LOOP_NOTICE = "loop-notice"
 
 
+# Quarantine reasons that make a held message's notice a security notice.
+SECURITY_REASONS = frozenset({"unauthenticated", "lookalike"})
+
+
 def sanitise_header(value: str, limit: int = MAX_HEADER) -> str:
-    """One line, no control characters, at most `limit` characters."""
-    text = _SPACES.sub(" ", _UNSAFE.sub(" ", value)).strip()
+    """One line, no control or format characters, at most `limit` characters (cut at a
+    character boundary, with an ellipsis). The one sanitiser of every value we put in a
+    header we generate, and of the client's words we quote in a body."""
+    text = _SPACES.sub(" ", _UNSAFE.sub(" ", _FORMAT.sub("", value))).strip()
     if len(text) > limit:
-        text = text[: limit - 1].rstrip() + "…"
+        text = _cut(text, limit - 1).rstrip() + "…"
     return text
+
+
+def quote_subject(subject: str) -> str:
+    """A client's subject as our mail may quote it: one sanitised line, at most
+    MAX_QUOTED_SUBJECT characters."""
+    return sanitise_header(subject, MAX_QUOTED_SUBJECT)
+
+
+def _cut(text: str, length: int) -> str:
+    """text[:length], moved back so as not to split a character from the combining marks,
+    variation selectors or joiners that belong to it (a user-perceived character)."""
+    cut = length
+    while 0 < cut < len(text) and (
+        unicodedata.combining(text[cut])
+        or unicodedata.category(text[cut]) in ("Mn", "Me", "Mc")
+        or text[cut] in "\u200c\u200d"
+        or "\ufe00" <= text[cut] <= "\ufe0f"
+        or text[cut - 1] in "\u200c\u200d"
+    ):
+        cut -= 1
+    return text[:cut] if cut > 0 else text[:length]
 
 
 def new_message_id(hostname: str, ticket: int | None) -> str:
@@ -87,17 +137,28 @@ def build_mail(
     auto_submitted: str | None = None,
 ) -> bytes:
     """The bytes of one outgoing mail, built by the email library from sanitised values
-    (never by joining strings): 7-bit clean, so any relay takes it without 8BITMIME.
+    (never by joining strings): 7-bit clean, so any relay takes it without 8BITMIME,
+    except for an internationalised recipient (RFC 6530): then the To field carries the
+    address in UTF-8 (RFC 6532 section 3.2) and the mail needs a relay that offers
+    SMTPUTF8 (the outbox refuses to send it otherwise). An RFC 2047 encoded word is never
+    used in an address: RFC 2047 section 5 forbids it in an addr-spec, and no server
+    would deliver to one.
 
     It uses the library's compat32 classes: the modern EmailMessage API re-parses every
     header it is given and cost 2.8 ms a mail against 0.3 ms, for the same result.
     """
     # A random boundary no text can contain, so the generator need not search for one.
     boundary = f"=_gw_{secrets.token_hex(16)}"
-    message = MIMEMultipart("alternative", boundary, policy=_OUTGOING)
+    utf8 = not to.isascii()
+    policy = _OUTGOING_UTF8 if utf8 else _OUTGOING
+    message = MIMEMultipart("alternative", boundary, policy=policy)
     name = sanitise_header(sender.display_name, MAX_HEADER)
     message["From"] = formataddr((name, sender.addr_spec), charset="utf-8")
-    _set(message, "To", _header(to, MAX_HEADER))
+    # An address is never cut: 998 is the line limit (RFC 5322), far past any address.
+    if utf8:
+        message["To"] = sanitise_header(to, 998)
+    else:
+        _set(message, "To", _header(to, 998))
     if reply_to:
         _set(message, "Reply-To", _header(reply_to, MAX_HEADER))
     _set(message, "Subject", _header(subject, MAX_SUBJECT))
@@ -123,7 +184,7 @@ def build_mail(
         message[name] = value
     message.attach(_text_part(rendered.text, "plain"))
     message.attach(_text_part(rendered.html, "html"))
-    return message.as_bytes(policy=_OUTGOING)
+    return message.as_bytes(policy=policy)
 
 
 class _OutgoingPolicy(Compat32):
@@ -144,8 +205,23 @@ class _OutgoingPolicy(Compat32):
         return folded
 
 
+class _Utf8OutgoingPolicy(_OutgoingPolicy):
+    """The same, for a message to an internationalised address (RFC 6532): a str value
+    that is not ASCII (only ever the To address: every other value is given as an
+    encoded Header) is written as UTF-8, unfolded (an address cannot be folded inside)."""
+
+    def _fold(self, name: str, value: Any, sanitize: bool) -> str:
+        if isinstance(value, str) and not value.isascii():
+            return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, sanitize)
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        return self._fold(name, value, sanitize=True).encode("utf-8")
+
+
 _FOLD_AT = 78
 _OUTGOING = _OutgoingPolicy(linesep="\r\n", max_line_length=_FOLD_AT)
+_OUTGOING_UTF8 = _Utf8OutgoingPolicy(linesep="\r\n", max_line_length=_FOLD_AT)
 _UTF8_QP = email.charset.Charset("utf-8")
 _UTF8_QP.body_encoding = email.charset.QP
 _MAX_7BIT_LINE = 998
@@ -296,20 +372,33 @@ class Planner:
         kind: MailKind,
         context: Callable[[], Mapping[str, object]],
         now: str,
+        *,
+        reasons: Sequence[str] = (),
+        about: str | None = None,
     ) -> int:
         """Queue a notice to every configured admin (within the caps); returns how many.
+
+        Each kind of notice has its own hourly cap per admin, so a flood of one kind (junk
+        held as unknown senders) never silences another (a look-alike of a client, forged
+        staff mail, a loop): a quarantine notice about a held message whose `reasons`
+        include `unauthenticated` or `lookalike` is a security notice. Every notice a cap
+        holds back leaves a `mail.withheld` event (one per call, naming the admins).
 
         `context` is called once, and only if some admin is to be told: what it looks up
         (the count of held mail, say) costs nothing for the notices the caps hold back.
         """
-        template = "quarantine_notice" if kind is MailKind.QUARANTINE_NOTICE else "loop_notice"
+        if kind is MailKind.QUARANTINE_NOTICE and SECURITY_REASONS.intersection(reasons):
+            kind = MailKind.SECURITY_NOTICE
+        template = "loop_notice" if kind is MailKind.LOOP_NOTICE else "quarantine_notice"
         found: Mapping[str, object] | None = None
         queued = 0
+        withheld: list[str] = []
         for admin in self.config.staff.admins:
-            if self._admin_refusal(conn, admin, now) is not None:
+            if self._admin_refusal(conn, admin, kind, now) is not None:
+                withheld.append(admin)
                 continue
             if found is None:
-                found = context()
+                found = _quoted(context())
             self._queue(
                 conn,
                 kind,
@@ -321,13 +410,39 @@ class Planner:
                 extra=dict(found),
             )
             queued += 1
+        if withheld:
+            cap = self.admin_cap(kind)
+            store.record_event(
+                conn,
+                time=now,
+                actor="gateway",
+                action="mail.withheld",
+                subject=about or f"notice:{kind.value}",
+                ticket=None,
+                detail={
+                    "kind": kind.value,
+                    "to": withheld,
+                    "why": "hourly-cap",
+                    "cap": cap,
+                    "reasons": list(reasons),
+                },
+            )
         return queued
 
-    def _admin_refusal(self, conn: sqlite3.Connection, admin: str, now: str) -> str | None:
+    def admin_cap(self, kind: MailKind) -> int:
+        """The hourly cap of one kind of admin notice, per admin."""
         policy = self.config.policy
-        if store.count_automatic_mail(conn, admin, since=_before(now, hours=1)) >= (
-            policy.max_auto_replies_per_hour
-        ):
+        if kind is MailKind.SECURITY_NOTICE:
+            return policy.max_security_notices_per_hour
+        if kind is MailKind.LOOP_NOTICE:
+            return policy.max_loop_notices_per_hour
+        return policy.max_quarantine_notices_per_hour
+
+    def _admin_refusal(
+        self, conn: sqlite3.Connection, admin: str, kind: MailKind, now: str
+    ) -> str | None:
+        sent = store.count_admin_notices(conn, admin, (kind.value,), since=_before(now, hours=1))
+        if sent >= self.admin_cap(kind):
             return "hourly-cap"
         return None
 
@@ -371,7 +486,7 @@ class Planner:
             context["ticket"] = {
                 "number": ticket,
                 "tag": self.tag.format(ticket),
-                "subject": info["subject"],
+                "subject": quote_subject(info["subject"] or ""),
                 "status": info["status"],
             }
         context["reply_address"] = reply_to
@@ -511,8 +626,25 @@ _AUTO_SUBMITTED = {
     MailKind.ACKNOWLEDGEMENT: "auto-replied",
     MailKind.STATUS_CHANGE: "auto-generated",
     MailKind.QUARANTINE_NOTICE: "auto-generated",
+    MailKind.SECURITY_NOTICE: "auto-generated",
     MailKind.LOOP_NOTICE: "auto-generated",
 }
+
+
+def _quoted(context: Mapping[str, object]) -> dict[str, object]:
+    """An admin notice's context with the held sender's words made safe to quote: its
+    subject cut to MAX_QUOTED_SUBJECT, no bidi or other format characters in it or in
+    the addresses shown."""
+    values = dict(context)
+    entry = values.get("entry")
+    if isinstance(entry, Mapping):
+        entry = dict(entry)
+        entry["subject"] = quote_subject(str(entry.get("subject") or ""))
+        entry["sender"] = sanitise_header(str(entry.get("sender") or ""), 998)
+        values["entry"] = entry
+    if isinstance(values.get("sender"), str):
+        values["sender"] = sanitise_header(str(values["sender"]), 998)
+    return values
 
 
 def _before(now: str, *, hours: int) -> str:

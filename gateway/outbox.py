@@ -244,8 +244,12 @@ class RelayTransport:
         encoding = "ascii"
         if not (mail.mail_from.isascii() and mail.rcpt_to.isascii()):
             if not smtp.supports_extension("smtputf8"):
+                # RFC 6531 section 3.4: never downgraded, never an encoded word (RFC
+                # 2047 section 5): the mail is failed with this reason for the admins.
                 raise DeliveryError(
-                    "relay does not offer SMTPUTF8 for a non-ASCII address", permanent=True
+                    "withheld: an internationalised address (RFC 6531) and the relay "
+                    "does not offer SMTPUTF8",
+                    permanent=True,
                 )
             mail_options.append("SMTPUTF8")
             encoding = "utf-8"

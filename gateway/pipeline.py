@@ -575,7 +575,13 @@ def _tell_admins(
         # only (held mail is not counted, so the count stays at the threshold).
         if facts.sender and not found.loop_held_before:
             loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
-            planner.tell_admins(conn, MailKind.LOOP_NOTICE, lambda: loop_context, now)
+            planner.tell_admins(
+                conn,
+                MailKind.LOOP_NOTICE,
+                lambda: loop_context,
+                now,
+                about=f"sender:{facts.sender}",
+            )
         return
 
     def quarantine_context() -> dict[str, object]:
@@ -593,7 +599,14 @@ def _tell_admins(
             "cli": f"gateway quarantine show {quarantine_id}",
         }
 
-    planner.tell_admins(conn, MailKind.QUARANTINE_NOTICE, quarantine_context, now)
+    planner.tell_admins(
+        conn,
+        MailKind.QUARANTINE_NOTICE,
+        quarantine_context,
+        now,
+        reasons=verdict.reasons,
+        about=f"quarantine:{quarantine_id}",
+    )
 
 
 @dataclass(frozen=True)

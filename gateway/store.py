@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .lookalike import skeleton
+from .lookalike import domain_skeleton, skeleton
 from .tickets import Status, TicketRef
 
 log = logging.getLogger("gateway")
@@ -209,6 +209,12 @@ MIGRATIONS: tuple[str, ...] = (
         spec     TEXT NOT NULL           -- JSON: template, context and header values
     );
     """,
+    # 6: look-alike skeletons from Unicode's confusables data (UTS #39) instead of a
+    # hand-picked table: every stored skeleton is recomputed (gateway_skeleton() is
+    # gateway.lookalike.skeleton, registered by migrate()).
+    """
+    UPDATE senders SET skeleton = gateway_skeleton(address);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -244,6 +250,8 @@ def connect(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations the database has not seen; returns the schema version."""
+    # Migrations that recompute look-alike keys call the same function as the code.
+    conn.create_function("gateway_skeleton", 1, skeleton, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -746,14 +754,23 @@ def sender_record(conn: sqlite3.Connection, address: str) -> SenderRecord | None
 
 
 def find_lookalike(conn: sqlite3.Connection, address: str, skeleton: str) -> str | None:
-    """An authorised address that renders like `address` but is not it, if any."""
+    """An authorised address, or a domain granted whole ("@domain"), that renders like
+    `address` (or like its domain) but is not it, if any.
+
+    Both are one lookup on the skeleton index: a domain grant's skeleton is "@" and the
+    skeleton of its domain, which is the domain part of the skeleton of every address
+    at a look-alike domain. Intake never scans the sender list.
+    """
+    own_domain = "@" + address.rpartition("@")[2]
     row = conn.execute(
         """
         SELECT address FROM senders
-        WHERE skeleton = ? AND address != ? AND blocked = 0 AND organisation IS NOT NULL
+        WHERE skeleton IN (?, ?) AND address NOT IN (?, ?)
+            AND blocked = 0 AND organisation IS NOT NULL
+        ORDER BY skeleton = ? DESC, address
         LIMIT 1
         """,
-        (skeleton, address),
+        (skeleton, domain_skeleton(skeleton), address, own_domain, skeleton),
     ).fetchone()
     return None if row is None else str(row["address"])
 
@@ -894,6 +911,20 @@ def count_automatic_mail(conn: sqlite3.Connection, to: str, *, since: str) -> in
     row = conn.execute(
         "SELECT COUNT(*) FROM outbox WHERE rcpt_to = ? AND automatic = 1 AND created_at >= ?",
         (to, since),
+    ).fetchone()
+    return int(row[0])
+
+
+def count_admin_notices(
+    conn: sqlite3.Connection, to: str, kinds: Sequence[str], *, since: str
+) -> int:
+    """Notices of these outbox kinds queued to one admin since a time (the per-kind caps).
+    Few rows: the caps themselves bound what an admin gets in an hour."""
+    marks = ", ".join("?" for _ in kinds)
+    row = conn.execute(
+        f"SELECT COUNT(*) FROM outbox WHERE rcpt_to = ? AND automatic = 1 AND created_at >= ?"
+        f" AND kind IN ({marks})",
+        (to, since, *kinds),
     ).fetchone()
     return int(row[0])
 

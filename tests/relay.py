@@ -40,6 +40,7 @@ class RelayedMessage:
     data: bytes  # the message as received, dot-unstuffed
     tls: bool  # it came over TLS
     login: str | None  # the user that authenticated, if any
+    mail_options: tuple[str, ...] = ()  # the MAIL parameters: SMTPUTF8, BODY=8BITMIME
 
 
 class _Greeting421(asyncio.Protocol):
@@ -93,6 +94,7 @@ class _Handler:
         assert envelope.mail_from is not None
         message = RelayedMessage(
             mail_from=envelope.mail_from,
+            mail_options=tuple(envelope.mail_options),
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=envelope.original_content,
             tls=session.ssl is not None,
@@ -111,7 +113,9 @@ class Relay:
     tls: offer STARTTLS with a certificate for 127.0.0.1 from `ca` (a fresh trustme CA by
     default); tls=False offers no STARTTLS at all. require_starttls: refuse MAIL before
     STARTTLS (530); off, a client that falls back to plaintext is recorded doing so.
-    users: {login: password} accepted by AUTH (over TLS only).
+    users: {login: password} accepted by AUTH (over TLS only). smtputf8: advertise
+    SMTPUTF8 (RFC 6531) and take internationalised addresses; off, a client that sends one
+    anyway is refused (aiosmtpd's 553/555).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class Relay:
         ca: trustme.CA | None = None,
         users: dict[str, str] | None = None,
         require_starttls: bool = True,
+        smtputf8: bool = False,
     ) -> None:
         self.mode = "accept"
         self.messages: list[RelayedMessage] = []
@@ -131,6 +136,7 @@ class Relay:
         self.ca = ca or trustme.CA()
         self.users = dict(users or {})
         self.require_starttls = require_starttls
+        self.smtputf8 = smtputf8
         self._tls_context: ssl.SSLContext | None = None
         if tls:
             self._tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -172,6 +178,7 @@ class Relay:
             require_starttls=self._tls_context is not None and self.require_starttls,
             authenticator=self._authenticate if self.users else None,
             auth_require_tls=True,
+            enable_SMTPUTF8=self.smtputf8,
             timeout=60,
         )
         self._sessions.append(session)
