@@ -223,8 +223,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # are recognised by their schema version and tables instead (`_check_identity`).
 APPLICATION_ID = 0x47574159
 
-# The first 16 bytes of every SQLite 3 database file (fileformat.html, section 1.3).
-SQLITE_MAGIC = b"SQLite format 3\x00"
+# The size of an SQLite 3 database header (fileformat.html, section 1.3): no database is
+# shorter.
 SQLITE_HEADER_SIZE = 100
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html).
@@ -253,14 +253,17 @@ class DatabaseRefused(StoreError):
     application's, or of a newer schema. The message names the file and the fault."""
 
 
-def connect(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+def connect(path: Path, busy_timeout_ms: int = 5000, *, create: bool = True) -> sqlite3.Connection:
     """Open our database in WAL mode with full sync, checked and migrated.
 
-    A new database is created only where no file exists. An existing file must be ours
-    and pass `PRAGMA quick_check`, or `DatabaseRefused` says why: an empty file is not
-    a new database (it would silently reset tickets, senders and the reply-token secret).
+    A new database is created only where no file exists (and only with `create`). An
+    existing file must be ours and pass `PRAGMA quick_check`, or `DatabaseRefused` says
+    why: an empty file is not a new database (it would silently reset tickets, senders
+    and the reply-token secret).
     """
     if not os.path.lexists(path):
+        if not create:
+            raise DatabaseRefused(f"{path}: the database file is gone (moved or deleted)")
         _create(path)
     _check_file(path)
     try:
@@ -281,8 +284,13 @@ def connect(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         conn.close()
         code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-        if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
-            raise DatabaseRefused(_refusal(path, f"it is corrupt ({exc})")) from None
+        if code == SQLITE_NOTADB:  # no SQLite header: "file is not a database"
+            raise DatabaseRefused(_refusal(path, "it is not an SQLite database")) from None
+        if code == SQLITE_CORRUPT:
+            # Among others, a file shorter than its header says: SQLite refuses it so.
+            size = path.stat().st_size
+            problem = f"it is corrupt or truncated ({exc}; the file has {size} bytes)"
+            raise DatabaseRefused(_refusal(path, problem)) from None
         raise
     except BaseException:
         conn.close()
@@ -338,15 +346,18 @@ def _fsync(path: Path) -> None:
 
 
 def _check_file(path: Path) -> None:
-    """The cheap checks of the file itself, before SQLite may write anything to it."""
+    """What the file's metadata tells, before SQLite may write anything to it.
+
+    Never open() the file here to read its header: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, SQLite's included (the daemon's
+    other connections, when the writer reopens), so the header is left to SQLite.
+    """
     try:
         info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise DatabaseRefused(_refusal(path, "it is not a regular file"))
-        with open(path, "rb") as file:
-            header = file.read(SQLITE_HEADER_SIZE)
     except OSError as exc:
         raise DatabaseRefused(f"{path}: cannot read the database: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DatabaseRefused(_refusal(path, "it is not a regular file"))
     if info.st_size == 0:
         raise DatabaseRefused(
             _refusal(
@@ -354,26 +365,9 @@ def _check_file(path: Path) -> None:
                 "the file is empty (0 bytes), and a new database is only made where no file exists",
             )
         )
-    if not header.startswith(SQLITE_MAGIC[: len(header)]):
-        raise DatabaseRefused(_refusal(path, "it is not an SQLite database"))
-    if len(header) < SQLITE_HEADER_SIZE:
+    if info.st_size < SQLITE_HEADER_SIZE:
         raise DatabaseRefused(
             _refusal(path, f"it is truncated ({info.st_size} bytes, less than an SQLite header)")
-        )
-    # The size the header records (fileformat.html 1.3.9, valid when the change counter
-    # matches "version-valid-for"), against the file's. Only without a -wal file: while
-    # another process has the database open, a checkpoint may be growing the file, and
-    # quick_check catches a short file in every case anyway.
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    valid = header[24:28] == header[92:96]
-    if valid and not os.path.exists(f"{path}-wal") and info.st_size < pages * page_size:
-        raise DatabaseRefused(
-            _refusal(
-                path,
-                f"it is truncated ({info.st_size} bytes, its header says {pages * page_size})",
-            )
         )
 
 
@@ -531,11 +525,15 @@ class Writer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._thread, self._open)
+        try:
+            self._conn = await loop.run_in_executor(self._thread, self._open)
+        except BaseException:
+            self._thread.shutdown(wait=False)  # refused at start: nothing to close
+            raise
         self._task = asyncio.create_task(self._run(), name="gateway-writer")
 
-    def _open(self) -> sqlite3.Connection:
-        return connect(self._path, self._busy_timeout_ms)
+    def _open(self, create: bool = True) -> sqlite3.Connection:
+        return connect(self._path, self._busy_timeout_ms, create=create)
 
     def inject_commit_faults(self, count: int) -> None:
         """Test hook: make the next `count` commits fail as a failed fsync does, with
@@ -618,7 +616,9 @@ class Writer:
         conn = self._conn
         if conn is None:
             try:
-                conn = self._conn = self._open()
+                # Never a new database here: the daemon's tickets, and the reply-token
+                # secret it has handed out, are in the file it started with.
+                conn = self._conn = self._open(create=False)
             except DatabaseRefused as exc:
                 # Opened again after an I/O error, the file no longer passes the checks.
                 log.error("event=store.refused error=%s", _quote(exc))

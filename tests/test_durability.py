@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -446,7 +446,7 @@ def wal_order_violations(trace: str, queue_ids: list[str]) -> list[str]:
 async def test_wal_is_synced_before_the_250_under_strace(tmp_path: Path) -> None:
     options = strace_usable()
     if options is None:
-        pytest.skip("strace is not installed, or ptrace is not permitted here")
+        lacking("strace is not installed, or ptrace is not permitted here")
     config_path = write_config(tmp_path)
     trace_path = tmp_path / "strace.txt"
     wrapper = [
@@ -535,7 +535,7 @@ async def test_full_disk_is_452_and_recovers_without_restart(tmp_path: Path) -> 
     state = tmp_path / "var"
     state.mkdir()
     if not can_mount_tmpfs(state):
-        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare)")
+        lacking("cannot mount a tmpfs in a user namespace here (unshare)")
     floor = 64 * 1024
     config_path = write_config(tmp_path, extra_storage=f"min_free_space = {floor}")
     mount = 'mount -t tmpfs -o size=4m gateway-test "$0" && exec "$@"'
@@ -577,7 +577,7 @@ async def test_full_disk_is_452_and_recovers_without_restart(tmp_path: Path) -> 
 # --- test hooks of a real daemon (GATEWAY_TEST_HOOKS=1, see gateway/app.py) --------------
 
 
-def lacking(reason: str) -> None:
+def lacking(reason: str) -> NoReturn:
     """Skip for want of a tool or privilege, except in CI (CI=true), where the test must
     run: there a missing strace or namespace is a failure, never a silent skip."""
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
@@ -668,7 +668,7 @@ async def test_eio_from_fdatasync_is_never_acknowledged_under_strace(tmp_path: P
     trace_path = tmp_path / "strace.txt"
     wrapper = [
         "strace",
-        *(options or []),
+        *options,
         "-qq",
         "-y",
         "-P",

@@ -253,10 +253,14 @@ def test_two_processes_creating_the_database_at_once_share_one(tmp_path: Path) -
     assert len({out.strip() for out, _ in outputs}) == 1, outputs
 
 
-async def test_a_database_found_corrupt_while_running_stops_the_daemon(tmp_path: Path) -> None:
-    # The daemon starts on a sound database; then a page it has cached goes bad on disk.
-    # The next I/O error (injected: SIGUSR1) makes the writer reopen the file, which now
-    # fails quick_check: the daemon must stop with exit 1, not answer 451 for ever.
+@pytest.mark.parametrize("damage", ["corrupt", "gone"])
+async def test_a_database_found_bad_while_running_stops_the_daemon(
+    tmp_path: Path, damage: str
+) -> None:
+    # The daemon starts on a sound database; then a page it has cached goes bad on disk,
+    # or the file is moved away. The next I/O error (injected: SIGUSR1) makes the writer
+    # open the file again, which now fails the checks (or is not there, and must not be
+    # made anew): the daemon must stop with exit 1, not answer 451 for ever.
     # No authorised senders: the mail is held, so no acknowledgement is planned and the
     # outbox worker makes no commit that could take the injected fault instead.
     config_path = write_config(tmp_path)
@@ -268,7 +272,10 @@ async def test_a_database_found_corrupt_while_running_stops_the_daemon(tmp_path:
         assert code == 250, text
         # The senders table is read, never written, by the intake: its page is not in
         # the WAL, so the damage is what a reopened connection reads.
-        corrupt_page(config.database_path, "senders")
+        if damage == "corrupt":
+            corrupt_page(config.database_path, "senders")
+        else:
+            config.database_path.rename(config.database_path.with_suffix(".moved"))
         await armed(log_path, pid)
         code, text = await send_one(port, "<fault@client.example.com>")
         assert text.startswith("451 4.3.0"), text
@@ -278,4 +285,10 @@ async def test_a_database_found_corrupt_while_running_stops_the_daemon(tmp_path:
     log = log_path.read_text("utf-8", "replace")
     assert exit_code == 1, log
     assert "event=gateway.database_failed" in log
-    assert f'error="{config.database_path}: refusing to use this database: it is corrupt' in log
+    fault = {
+        "corrupt": "refusing to use this database: it is corrupt",
+        "gone": "the database file is gone",
+    }[damage]
+    assert f'error="{config.database_path}: {fault}' in log
+    if damage == "gone":
+        assert not config.database_path.exists(), "a new database was made while running"
