@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import ssl
+import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -27,10 +30,14 @@ from .pipeline import Pipeline, utc_now
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
-from .store import Writer
+from .store import DatabaseRefused, StoreError, Writer
 
 # systemd's TimeoutStopSec is 60 s: leave time to close the parser and the database.
 STOP_GRACE_SECONDS = 50.0
+
+# Test hooks, for the durability and watchdog tests of a real daemon process; off unless
+# this variable is "1" (the systemd unit never sets it). See `_install_test_hooks`.
+TEST_HOOKS_ENV = "GATEWAY_TEST_HOOKS"
 
 
 def parse_limits(config: Config) -> ParseLimits:
@@ -106,7 +113,12 @@ class Gateway:
 
 
 async def run(config: Config) -> int:
-    """`gateway serve`: run until SIGTERM/SIGINT, then stop gracefully and return 0."""
+    """`gateway serve`: run until SIGTERM/SIGINT, then stop gracefully and return 0.
+
+    Returns 1 instead when the database turns out unusable while running (found corrupt
+    when reopened after an I/O error): the daemon drains and exits, so that systemd shows
+    the failure rather than a service that is "running" and answers every message 451.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -114,7 +126,23 @@ async def run(config: Config) -> int:
 
     notifier = SystemdNotifier()
     gateway = Gateway(config)
-    await gateway.start()
+    failures: list[DatabaseRefused] = []
+
+    def database_failed(exc: DatabaseRefused) -> None:
+        event("gateway.database_failed", logging.CRITICAL, error=exc)
+        failures.append(exc)
+        stop.set()
+
+    gateway.writer.on_failure = database_failed
+    try:
+        await gateway.start()
+    except StoreError as exc:
+        # STATUS= is what `systemctl status` shows next to the failed unit.
+        notifier.status(f"refusing to start: {exc}")
+        notifier.close()
+        raise
+    if os.environ.get(TEST_HOOKS_ENV) == "1":
+        _install_test_hooks(loop, gateway)
     event(
         "gateway.ready",
         version=__version__,
@@ -132,7 +160,9 @@ async def run(config: Config) -> int:
 
     await stop.wait()
     event("gateway.stopping")
-    notifier.stopping("finishing sessions in flight")
+    notifier.stopping(
+        f"database failed: {failures[0]}" if failures else "finishing sessions in flight"
+    )
     if watchdog is not None:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -140,20 +170,50 @@ async def run(config: Config) -> int:
     await gateway.stop()
     notifier.close()
     event("gateway.stopped", batches=gateway.writer.batches, messages=gateway.writer.units)
-    return 0
+    return 1 if failures else 0
 
 
 async def _keep_watchdog(notifier: SystemdNotifier, interval: float) -> None:
     # Pinging from the event loop itself means a loop blocked for longer than
-    # WatchdogSec stops the pings and systemd restarts the service.
+    # WatchdogSec stops the pings and systemd restarts the service. Never from a thread:
+    # a thread keeps pinging while the loop, and with it every session, is stuck.
     while True:
         notifier.watchdog()
         await asyncio.sleep(interval)
 
 
+def _install_test_hooks(loop: asyncio.AbstractEventLoop, gateway: Gateway) -> None:
+    """Faults a test can cause in a running daemon (only with GATEWAY_TEST_HOOKS=1).
+
+    SIGUSR1: the next commit fails as a failed fsync does (test-plan item 47).
+    SIGUSR2: the event loop blocks for GATEWAY_TEST_STALL_SECONDS (default 1), as a
+    runaway handler would (item 53: the watchdog pings must stop meanwhile).
+    """
+    stall = float(os.environ.get("GATEWAY_TEST_STALL_SECONDS", "1"))
+
+    def arm_fault() -> None:
+        gateway.writer.inject_commit_faults(1)
+        event("test.commit_fault_armed", logging.WARNING)
+
+    def stall_loop() -> None:
+        event("test.loop_stall", logging.WARNING, seconds=stall)
+        time.sleep(stall)  # on the loop thread: deliberately blocks everything
+        event("test.loop_resumed", logging.WARNING)
+
+    loop.add_signal_handler(signal.SIGUSR1, arm_fault)
+    loop.add_signal_handler(signal.SIGUSR2, stall_loop)
+    event("test.hooks_installed", logging.WARNING)
+
+
 def serve(config: Config) -> int:
     try:
         return asyncio.run(run(config))
+    except StoreError as exc:
+        # Refused at start (corrupt, empty, foreign or newer database): one clear line
+        # naming the file and the fault, on the log and on stderr, and a non-zero exit.
+        event("gateway.failed", logging.CRITICAL, error=exc)
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         event("gateway.failed", logging.ERROR, error=exc)
         return 1

@@ -119,13 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# SQLite's INTEGER is 64-bit signed: a larger number cannot even be looked up (sqlite3
+# raises OverflowError), so it is refused as a usage error like any other bad number.
+MAX_NUMBER = 2**63 - 1
+
+
 def _positive_int(text: str) -> int:
+    digits = text.strip()
+    # Checked before int(): int() refuses more than 4300 digits with a confusing message.
+    if digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) > len(str(MAX_NUMBER)):
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NUMBER}: {text[:30]}...")
     try:
-        value = int(text)
+        value = int(digits)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text[:30]!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
+    if value > MAX_NUMBER:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NUMBER}: {value}")
     return value
 
 

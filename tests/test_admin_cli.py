@@ -6,6 +6,7 @@ dir, and checks the durable effect (what `--json` lists, rows, events), not mess
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pwd
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway import store
+from gateway import cli, store
 from gateway.config import Config, load_config
 from gateway.lookalike import skeleton
 
@@ -486,3 +487,90 @@ def test_a_locked_database_is_a_clear_error(make_config: Callable[..., Config]) 
         holder.close()
     assert senders(config) == []
     assert rows(config, "SELECT * FROM events") == []
+
+
+# --- numbers beyond SQLite's INTEGER -----------------------------------------------------
+
+# Every command that takes a number, with the number as `{}`.
+NUMBERED_COMMANDS = [
+    ("messages", "list", "--limit", "{}"),
+    ("messages", "show", "{}"),
+    ("tickets", "show", "{}"),
+    ("tickets", "reply", "{}", "--from", "dana@example.org"),
+    ("tickets", "status", "{}", "open"),
+    ("quarantine", "show", "{}"),
+    ("quarantine", "release", "{}"),
+    ("quarantine", "discard", "{}"),
+    ("quarantine", "block", "{}"),
+    ("events", "--ticket", "{}"),
+    ("events", "--limit", "{}"),
+    ("outbox", "list", "--limit", "{}"),
+    ("outbox", "retry", "{}"),
+]
+TICKET_NUMBERED = {
+    ("tickets", "show"),
+    ("tickets", "reply"),
+    ("tickets", "status"),
+    ("events", "--ticket"),
+}
+LARGEST = 2**63 - 1  # SQLite's largest INTEGER
+
+
+def run_main(
+    config: Config, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """`gateway.cli.main` in this process (the same parser and handlers, without the third
+    of a second a subprocess costs): (exit status, stderr)."""
+    try:
+        status = cli.main(["--config", str(config.path), *args])
+    except SystemExit as exc:  # argparse's usage errors
+        status = int(exc.code or 0)
+    return status, capsys.readouterr().err
+
+
+TOO_LARGE = [
+    pytest.param(command, number, id=f"{' '.join(command[:2])}-{number[:21]}")
+    for command in NUMBERED_COMMANDS
+    # 2**63; ticket numbers may be written #N; past int()'s 4300 digits.
+    for number in (str(LARGEST + 1), f"#{LARGEST + 1}", "9" * 40, "9" * 5000)
+    if not number.startswith("#") or command[:2] in TICKET_NUMBERED
+]
+
+
+@pytest.mark.parametrize(("command", "number"), TOO_LARGE)
+def test_a_number_too_large_is_a_usage_error(
+    config: Config, capsys: pytest.CaptureFixture[str], command: tuple[str, ...], number: str
+) -> None:
+    args = [part.format(number) for part in command]
+    status, error = run_main(config, args, capsys)
+    assert status == 2, (args, error)
+    assert "at most 9223372036854775807" in error, error
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("command", NUMBERED_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_the_largest_number_is_answered_not_crashed(
+    config: Config,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("The reply text.\n"))  # tickets reply
+    config_staff = load_config(
+        write_config(config.path.parent, extra='[staff]\naddresses = ["dana@example.org"]\n')
+    )
+    args = [part.format(LARGEST) for part in command]
+    status, error = run_main(config_staff, args, capsys)
+    assert "Traceback" not in error
+    if args[-2] in ("--limit", "--ticket"):  # a filter: nothing matches, nothing to list
+        assert status == 0, (args, error)
+    else:
+        assert status == 1, (args, error)
+        assert "no " in error and str(LARGEST) in error, error
+
+
+def test_a_number_too_large_from_the_console_script(gateway: Gateway) -> None:
+    result = gateway.run("tickets", "show", str(LARGEST + 1))
+    assert result.returncode == 2
+    assert "at most 9223372036854775807" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,16 +2,25 @@
 with real worker processes that hit their limits, die, hang or get cancelled."""
 
 import asyncio
+import hashlib
+import io
 import multiprocessing
 import os
 import random
 import re
+import struct
 import time
+import zipfile
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import EmailMessage
+from email.policy import SMTP
 from pathlib import Path
 
 import pytest
 
+from gateway.app import Gateway
+from gateway.config import Config
 from gateway.inbound import (
     InboundMessage,
     ParseFunction,
@@ -21,6 +30,8 @@ from gateway.inbound import (
     salvage_message,
     scan_header_block,
 )
+
+from .conftest import RawClient, rows, send_raw_message
 
 HOSTILE = Path(__file__).parent / "data" / "hostile"
 LIMITS = ParseLimits()
@@ -570,3 +581,113 @@ async def test_pool_starts_on_first_parse() -> None:
         assert_normal(await parse_all(pool, normal(0)))
     finally:
         await pool.close()
+
+
+# --- 34. a zip bomb attached is stored, never opened ------------------------------------------
+
+
+def nested_zip(levels: int = 5, fanout: int = 16, kernel: int = 16 << 20) -> bytes:
+    """42.zip's shape: each level holds `fanout` copies of the level below; the innermost
+    file is `kernel` zero bytes. 5 levels of 16 over 16 MiB: 16 TiB, in about 20 KB."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("0.bin", bytes(kernel))
+    data = buffer.getvalue()
+    for level in range(levels):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+            for i in range(fanout):
+                archive.writestr(f"{level}.{i}.zip", data)
+        data = buffer.getvalue()
+    return data
+
+
+def overlapping_zip(entries: int = 1024, member_mib: int = 64) -> bytes:
+    """One deflated file of `member_mib` MiB of zeros, listed `entries` times by the central
+    directory, every entry pointing at the same bytes: 64 GiB to whoever extracts it."""
+    chunk = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = b"".join(deflate.compress(chunk) for _ in range(member_mib)) + deflate.flush()
+    crc = 0
+    for _ in range(member_mib):
+        crc = zlib.crc32(chunk, crc)
+    size, name = member_mib << 20, b"bomb.bin"
+    # APPNOTE.TXT 4.3.7 (local file header), 4.3.12 (central directory), 4.3.16 (end).
+    local = struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(body), size, len(name), 0
+    )
+    entry = struct.pack(
+        "<IHHHHHHIIIHHHHHII",
+        *(0x02014B50, 20, 20, 0, 8, 0, 0, crc, len(body), size, len(name), 0, 0, 0, 0, 0, 0),
+    )
+    central = (entry + name) * entries
+    offset = len(local) + len(name) + len(body)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, len(central), offset, 0)
+    return local + name + body + central + end
+
+
+def with_attachments(files: dict[str, bytes]) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Alice Example <alice@client.example.com>"
+    message["To"] = "support@example.org"
+    message["Subject"] = "The logs you asked for"
+    message["Message-ID"] = "<zipbomb@client.example.com>"
+    message.set_content("Both archives attached.\n")
+    for filename, data in files.items():
+        message.add_attachment(data, "application", "zip", filename=filename)
+    return message.as_bytes(policy=SMTP)
+
+
+async def test_a_zip_bomb_attached_is_stored_as_sent_and_never_opened(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    start_gateway: Callable[..., Awaitable[Gateway]],
+) -> None:
+    # Parse limits a decompression of either archive would blow at once (the overlapping
+    # one alone is 64 GiB): flagged `malformed` (parse-timeout, parse-memory) if anything
+    # in the parser opens it, and the reply is late if anything after the parser does.
+    config = make_config(extra_parser="cpu_seconds = 3\nwall_seconds = 5.0")
+    gateway = await start_gateway(config)
+    files = {"nested.zip": nested_zip(), "overlap.zip": overlapping_zip()}
+    raw = with_attachments(files)
+    # Size is counted in bytes transferred: the message fits config's 1 MiB, whatever the
+    # archives claim to hold.
+    assert len(raw) < config.smtp.max_message_size
+    before = {p for p in tmp_path.rglob("*")}
+
+    client = await RawClient.connect(gateway.port)
+    try:
+        started = time.monotonic()
+        code, text = await send_raw_message(client, raw)
+        elapsed = time.monotonic() - started
+    finally:
+        await client.close()
+    assert code == 250, text
+    assert elapsed < 5.0, f"the bomb took {elapsed:.1f} s: something opened it"
+
+    (message,) = rows(config, "SELECT * FROM messages WHERE direction = 'in'")
+    assert message["malformed"] is None
+    assert message["size"] == len(raw)
+    attachments = rows(
+        config,
+        "SELECT a.name, a.content_type, a.size, a.sha256, b.data FROM attachments a "
+        "JOIN blobs b ON b.sha256 = a.sha256 WHERE a.message = ? ORDER BY a.position",
+        (message["id"],),
+    )
+    # The archives, as opaque attachments: the very bytes sent, nothing from inside them.
+    assert [(a["name"], a["content_type"]) for a in attachments] == [
+        ("nested.zip", "application/zip"),
+        ("overlap.zip", "application/zip"),
+    ]
+    for attachment in attachments:
+        sent = files[attachment["name"]]
+        assert attachment["data"] == sent
+        assert attachment["size"] == len(sent)
+        assert attachment["sha256"] == hashlib.sha256(sent).hexdigest()
+    (count,) = rows(config, "SELECT COUNT(*) FROM blobs")[0]
+    assert count == 2
+
+    # Nothing was extracted anywhere under the daemon's folders.
+    created = {p for p in tmp_path.rglob("*")} - before
+    unexpected = [p for p in created if not (p.name.startswith("gateway.db") or p.suffix == ".eml")]
+    assert unexpected == [], unexpected

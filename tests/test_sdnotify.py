@@ -1,11 +1,17 @@
-"""sd_notify: exact datagrams on a real AF_UNIX socket, and silence when there is none."""
+"""sd_notify: exact datagrams on a real AF_UNIX socket, silence when there is none, and
+the daemon's watchdog pings, which a stalled event loop must stop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
 import os
+import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from gateway.sdnotify import SystemdNotifier, watchdog_interval
+
+from .conftest import wait_for, write_config
+from .test_durability import wrapped_daemon
 
 
 @pytest.fixture
@@ -174,3 +183,62 @@ def test_watchdog_interval_defaults_to_process_environment(
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     assert watchdog_interval() == 15.0
+
+
+# --- 53. a stalled event loop stops the watchdog pings ------------------------------------
+
+STALL_SECONDS = 2.0
+WATCHDOG_USEC = 200_000  # WatchdogSec=0.2 s: the daemon pings every 0.1 s
+
+
+async def test_a_stalled_event_loop_stops_the_watchdog_pings(
+    tmp_path: Path, listener: tuple[socket.socket, str]
+) -> None:
+    # The real daemon with sd_notify on (the socket is the test's) and the test hook that
+    # blocks its event loop (SIGUSR2: time.sleep on the loop, as a runaway handler would).
+    # Pings from a thread would go on through the stall, and systemd would never restart
+    # a daemon whose sessions are all stuck.
+    sock, path = listener
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    pings: list[float] = []  # arrival times of WATCHDOG=1
+    ready = asyncio.Event()
+
+    async def receive_all() -> None:
+        while True:
+            data = await loop.sock_recv(sock, 4096)
+            if b"READY=1" in data.split(b"\n"):
+                ready.set()
+            if data == b"WATCHDOG=1":
+                pings.append(time.monotonic())
+
+    receiver = asyncio.create_task(receive_all())
+    wrapper = [
+        "env",
+        f"NOTIFY_SOCKET={path}",
+        f"WATCHDOG_USEC={WATCHDOG_USEC}",
+        "GATEWAY_TEST_HOOKS=1",
+        f"GATEWAY_TEST_STALL_SECONDS={STALL_SECONDS}",
+    ]
+    log_path = tmp_path / "gateway.log"
+    try:
+        with wrapped_daemon(wrapper, write_config(tmp_path), log_path) as (_, _, pid):
+            await asyncio.wait_for(ready.wait(), 10)
+            await wait_for(lambda: len(pings) >= 5)
+            before = len(pings)
+            os.kill(pid, signal.SIGUSR2)
+            await wait_for(lambda: "event=test.loop_resumed" in log_path.read_text(), 30)
+            await wait_for(lambda: len(pings) >= before + 5)
+    finally:
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
+    stalled = max(gaps)
+    # No ping for the whole stall: a watchdog of WatchdogSec=0.2 s would have fired ten
+    # times over. Before it, pings kept their pace; after it, they came back.
+    assert stalled >= STALL_SECONDS * 0.9, gaps
+    index = gaps.index(stalled)
+    assert index >= before - 2, (index, before, gaps)
+    assert max(gaps[:index]) < STALL_SECONDS / 2, gaps
+    assert len(gaps) - index > 3, gaps  # pings resumed
