@@ -209,7 +209,9 @@ async def test_trickle_in_data_is_closed_with_421_and_frees_the_slot(
 async def test_silence_in_data_is_closed_after_the_stall_timeout(
     make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
 ) -> None:
-    config = make_config(extra_smtp=FAST_LIMITS.replace("min_data_rate = 1000", "min_data_rate = 1"))
+    config = make_config(
+        extra_smtp=FAST_LIMITS.replace("min_data_rate = 1000", "min_data_rate = 1")
+    )
     gateway: Gateway = await start_gateway(config)
     client: RawClient = await clients(gateway.port)
     await enter_data(client)
@@ -529,7 +531,7 @@ async def test_every_stock_reply_carries_an_enhanced_status_code(
     make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(
-        make_config(extra_smtp="max_errors_per_session = 100\ncommand_limits = { '*' = 100 }")
+        make_config(extra_smtp="max_errors_per_session = 100\ncommand_limits = { '*' = 100, VRFY = 5 }")
     )
     client: RawClient = await clients(gateway.port)
     code, greeting = await client.reply()
