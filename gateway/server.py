@@ -8,8 +8,8 @@ version, a path or exception text (RELIABILITY.md test 14).
 aiosmtpd 1.4.6 private members this module overrides or uses (check them when the version
 changes): `SMTP._handle_client` (admission, session timer), `SMTP.smtp_DATA` (replaced
 whole: the per-address DATA slot, the rate/stall rules and a chunked reader instead of the
-per-line loop), `SMTP.smtp_HELO` / `SMTP.smtp_EHLO` (8-bit names refused, answers kept
-verbatim), `SMTP._getaddr`, `SMTP._create_session`, `SMTP.command_size_limits`,
+per-line loop), `SMTP.smtp_HELO` / `SMTP.smtp_EHLO` / `LMTP.smtp_LHLO` (8-bit names refused,
+answers kept verbatim), `SMTP._getaddr`, `SMTP._create_session`, `SMTP.command_size_limits`,
 `SMTP.push` (public, but every reply passes through it: enhanced codes, budgets),
 `SMTP._reader` and its `StreamReader._buffer` (unread input: out-of-sync check, and bytes a
 client pipelined after the final dot are put back), `SMTP._writer`, `SMTP._timeout_duration`,
@@ -671,7 +671,9 @@ class GatewaySMTP(_GatewayProtocol):
 
 
 class GatewayLMTP(_GatewayProtocol, LMTP):
-    pass
+    async def smtp_LHLO(self, arg: str) -> None:
+        # RFC 2033 4.1: LHLO is LMTP's EHLO: the same 8-bit check, the answer kept verbatim.
+        await self._greeting_command(arg, super().smtp_LHLO)
 
 
 class Handler:

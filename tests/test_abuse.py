@@ -531,7 +531,9 @@ async def test_every_stock_reply_carries_an_enhanced_status_code(
     make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(
-        make_config(extra_smtp="max_errors_per_session = 100\ncommand_limits = { '*' = 100, VRFY = 5 }")
+        make_config(
+            extra_smtp="max_errors_per_session = 100\ncommand_limits = { '*' = 100, VRFY = 5 }"
+        )
     )
     client: RawClient = await clients(gateway.port)
     code, greeting = await client.reply()
@@ -554,6 +556,20 @@ async def test_every_stock_reply_carries_an_enhanced_status_code(
     for message in (make_message(body="y" * 1500 + "\r\n"), make_message(body="z\r\n" * 600)):
         code, text = await send_raw_message(client, message, greet=False)
         assert code >= 500 and _ENHANCED.match(text), text
+
+
+async def test_lmtp_lhlo_answer_keeps_its_form_and_refuses_8bit(
+    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+) -> None:
+    gateway: Gateway = await start_gateway(make_config(protocol="lmtp"))
+    client: RawClient = await clients(gateway.port)
+    assert (await client.reply())[0] == 220
+    code, text = await client.command(b"LHLO caf\xe9.client.example.com")
+    assert text.startswith("501 5.5.2"), text
+    code, text = await client.command("LHLO client.example.com")
+    assert text.splitlines()[0] == "250-support.example.org", text
+    code, text = await client.command("EHLO client.example.com")
+    assert text.startswith("500 5.5.1"), text
 
 
 # --- 11 / 59. The event loop stays responsive -------------------------------------------------
