@@ -8,6 +8,7 @@ other than the config file itself and the TLS files it names.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -72,10 +73,35 @@ class SmtpConfig:
     data_slot_wait: int = 30
     smtputf8: bool = True
     command_limits: Mapping[str, int] = field(default_factory=lambda: DEFAULT_COMMAND_LIMITS)
+    # The timeout model (RELIABILITY.md items 55-59). A client inside DATA must send at least
+    # min_data_rate bytes/s on average once data_rate_grace seconds have passed, and never
+    # go silent for data_stall_timeout seconds; else 421 4.4.2 and the slot is freed
+    # (Postfix's smtpd_min_data_rate is 500 B/s).
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
+    data_stall_timeout: float = 60.0
+    # DATA slots one client address (IPv6: one /64) may hold at once. 0 = a quarter of
+    # data_slots, at least 1; otherwise less than data_slots (unless data_slots is 1).
+    data_slots_per_ip: int = 0
+    # Replies with a 4xx/5xx code one session may get before 421 4.7.0 and close.
+    max_errors_per_session: int = 10
+    # Replies (about one per command) one session may get before 421 4.7.0 and close.
+    max_commands_per_session: int = 1000
+    # Seconds a session may last in all; then 421 4.4.2 and close.
+    max_session_time: float = 1800.0
+    # Networks exempt from the per-address limits (max_connections_per_ip,
+    # data_slots_per_ip), e.g. the front MTA that relays all mail: ["192.0.2.25/32"].
+    per_ip_exempt: tuple[str, ...] = ()
 
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
+
+    @property
+    def data_slots_per_ip_effective(self) -> int:
+        if self.data_slots_per_ip:
+            return self.data_slots_per_ip
+        return max(1, self.data_slots // 4)
 
 
 @dataclass(frozen=True)
@@ -431,6 +457,9 @@ def _validate(config: Config) -> None:
         "smtp.max_messages_per_connection": smtp.max_messages_per_connection,
         "smtp.data_slots": smtp.data_slots,
         "smtp.data_slot_wait": smtp.data_slot_wait,
+        "smtp.min_data_rate": smtp.min_data_rate,
+        "smtp.max_errors_per_session": smtp.max_errors_per_session,
+        "smtp.max_commands_per_session": smtp.max_commands_per_session,
         "storage.busy_timeout_ms": config.storage.busy_timeout_ms,
         "parser.workers": config.parser.workers,
         "parser.cpu_seconds": config.parser.cpu_seconds,
@@ -450,6 +479,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("parser.wall_seconds: must be more than 0")
     if config.storage.min_free_space < 0:
         raise ConfigError("storage.min_free_space: must be 0 (automatic) or more")
+    _validate_timeout_model(smtp)
     if smtp.max_connections_per_ip > smtp.max_connections:
         raise ConfigError("smtp.max_connections_per_ip: must not exceed smtp.max_connections")
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
@@ -527,6 +557,27 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"mailbox[{i}].unit: must not be empty")
         normalised.append(dataclasses.replace(box, address=address))
     object.__setattr__(config, "mailboxes", tuple(normalised))
+
+
+def _validate_timeout_model(smtp: SmtpConfig) -> None:
+    for key in ("data_stall_timeout", "max_session_time"):
+        if getattr(smtp, key) <= 0:
+            raise ConfigError(f"smtp.{key}: must be more than 0, got {getattr(smtp, key)}")
+    if smtp.data_rate_grace < 0:
+        raise ConfigError(f"smtp.data_rate_grace: must be 0 or more, got {smtp.data_rate_grace}")
+    per_ip = smtp.data_slots_per_ip
+    if per_ip < 0:
+        raise ConfigError(f"smtp.data_slots_per_ip: must be 0 (automatic) or more, got {per_ip}")
+    if per_ip and per_ip >= smtp.data_slots and not per_ip == smtp.data_slots == 1:
+        raise ConfigError(
+            f"smtp.data_slots_per_ip: must be less than smtp.data_slots ({smtp.data_slots}), "
+            f"so one client can never hold every slot; got {per_ip}"
+        )
+    for i, network in enumerate(smtp.per_ip_exempt):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"smtp.per_ip_exempt[{i}]: not an IP network: {network!r}") from None
 
 
 def _validate_delivery(config: Config) -> None:

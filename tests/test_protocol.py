@@ -260,14 +260,14 @@ async def test_command_line_over_512_octets_is_refused(
     assert (await client.reply())[0] == 220
     greeting = f"EHLO {HELO_NAME}" if extended else f"HELO {HELO_NAME}"
     assert (await client.command(greeting))[0] == 250
-    assert await client.command(noop_of(510)) == (250, "250 OK")
+    assert await client.command(noop_of(510)) == (250, "250 2.0.0 OK")
     for length in (513, 1000, 5000):  # the last one overruns the stream reader's buffer
         _, text = await client.command(noop_of(length))
         assert text.startswith("500 5.5.2"), (length, text)
     _, text = await client.command(f"RCPT TO:<{'r' * 520}@example.org>")
     assert text.startswith("500 5.5.2"), text
     # A refused line is consumed whole; the session goes on in step.
-    assert await client.command("NOOP") == (250, "250 OK")
+    assert await client.command("NOOP") == (250, "250 2.0.0 OK")
 
 
 async def test_mail_length_limit_does_not_grow_with_ehlo(
@@ -356,7 +356,7 @@ async def test_expn_is_not_implemented(gateway: Gateway, connect: Callable[[int]
         code, text = await client.command(f"EXPN {name}")
         assert code == 502, text
         assert "@" not in text  # no list of members, not even an echo
-    assert await client.command("NOOP") == (250, "250 OK")
+    assert await client.command("NOOP") == (250, "250 2.0.0 OK")
 
 
 # --- 8. Command budgets -----------------------------------------------------------------
@@ -470,7 +470,7 @@ async def test_smuggling_endings_do_not_end_data(
     _, text = await client.reply()
     assert text.startswith("250 2.0.0"), text
     # Had the fake ending ended DATA, the smuggled commands' replies would come next.
-    assert await client.command("NOOP") == (250, "250 OK")
+    assert await client.command("NOOP") == (250, "250 2.0.0 OK")
     [stored] = stored_messages(config)
     assert stored["mail_from"] == SENDER
     assert stored["rcpt_to"] == [MAILBOX]
