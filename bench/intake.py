@@ -53,6 +53,9 @@ def gateway_tables(port: int, max_connections: int, log_level: str) -> dict[str,
             "timeout": SMTP_TIMEOUT,
             "max_connections": max_connections,
             "max_connections_per_ip": max_connections,
+            # Every bench client comes from 127.0.0.1, as all mail does from a front MTA:
+            # exempt it from the per-address limits, as the README says to do for one.
+            "per_ip_exempt": ["127.0.0.0/8"],
         },
         "storage": {"database": "var/gateway.db"},
         "log": {"level": log_level},
@@ -64,6 +67,8 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 

@@ -428,7 +428,7 @@ def _check_identity(conn: sqlite3.Connection, path: Path) -> None:
 def _tables_of_version(version: int) -> frozenset[str]:
     """The tables a database of this schema version has: the migrations, run in memory."""
     with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
-        _register_functions(conn)
+        add_sql_functions(conn)
         for number in range(version):
             for statement in _statements(MIGRATIONS[number]):
                 conn.execute(statement)
@@ -447,7 +447,7 @@ def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def _register_functions(conn: sqlite3.Connection) -> None:
+def add_sql_functions(conn: sqlite3.Connection) -> None:
     # Migrations that recompute look-alike keys call the same function as the code.
     conn.create_function("gateway_skeleton", 1, skeleton, deterministic=True)
 
@@ -455,7 +455,7 @@ def _register_functions(conn: sqlite3.Connection) -> None:
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations the database has not seen, and mark the file as ours, in one
     transaction; returns the schema version."""
-    _register_functions(conn)
+    add_sql_functions(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -247,7 +247,7 @@ async def junk(gateway: Gateway, count: int) -> None:
 async def test_junk_cannot_silence_a_staff_lookalike_or_a_loop(
     make_config: Any, start_gateway: Any
 ) -> None:
-    config = make_config(extra=STAFF + "\n[policy]\nloop_threshold_per_hour = 3")
+    config = make_config(extra=STAFF + "\nloop_threshold_per_hour = 3")  # STAFF ends in [policy]
     gateway = await start_gateway(config)
     await junk(gateway, 7)
     notices = outbox(config, "quarantine-notice")
@@ -278,7 +278,8 @@ async def test_junk_cannot_silence_a_staff_lookalike_or_a_loop(
 async def test_unauthenticated_staff_mail_is_told_past_a_junk_flood(
     make_config: Any, start_gateway: Any
 ) -> None:
-    extra = STAFF + "\n[policy]\nrequire_authentication = true\nmax_security_notices_per_hour = 2"
+    # STAFF ends in its [policy] table.
+    extra = STAFF + "\nrequire_authentication = true\nmax_security_notices_per_hour = 2"
     config = make_config(extra=extra)
     gateway = await start_gateway(config)
     await junk(gateway, 6)

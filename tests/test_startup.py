@@ -222,6 +222,7 @@ def test_a_database_made_before_the_application_id_is_still_ours(
     path.parent.mkdir(parents=True)
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
+        store.add_sql_functions(conn)
         for number in range(version):
             conn.executescript(store.MIGRATIONS[number])
         conn.execute(f"PRAGMA user_version = {version}")
