@@ -5,16 +5,12 @@ DATA slots, graceful stop); the handler maps verbs to pipeline calls and pipelin
 the reply constants below. No business logic lives here, and no reply ever carries a
 version, a path or exception text (RELIABILITY.md test 14).
 
-aiosmtpd 1.4.6 private members this module overrides or uses (check them when the version
-changes): `SMTP._handle_client` (admission, session timer), `SMTP.smtp_DATA` (replaced
-whole: the per-address DATA slot, the rate/stall rules and a chunked reader instead of the
-per-line loop), `SMTP.smtp_HELO` / `SMTP.smtp_EHLO` / `LMTP.smtp_LHLO` (8-bit names refused,
-answers kept verbatim), `SMTP._getaddr`, `SMTP._create_session`, `SMTP.command_size_limits`,
-`SMTP.push` (public, but every reply passes through it: enhanced codes, budgets),
-`SMTP._reader` and its `StreamReader._buffer` (unread input: out-of-sync check, and bytes a
-client pipelined after the final dot are put back), `SMTP._writer`, `SMTP._timeout_duration`,
-`SMTP._reset_timeout`, `SMTP._create_envelope`, `SMTP._call_handler_hook`,
-`SMTP.check_helo_needed`, `SMTP.check_auth_needed`, `SMTP.line_length_limit`.
+This module overrides and uses private members of aiosmtpd (smtp_DATA is replaced whole;
+_handle_client, push and the greeting commands are wrapped; the reader's buffer is used),
+so pyproject.toml pins aiosmtpd exactly. The one list of those members, with why each is
+needed and its signature or source fingerprint as last read, is `EDGE` in
+tests/test_aiosmtpd_edge.py; that test fails, naming the member, when an upgrade changes
+one, and when this module touches an aiosmtpd internal the list does not hold.
 """
 
 from __future__ import annotations
