@@ -10,6 +10,10 @@ package ships (see pyproject.toml for why that package), never a hand-picked tab
 A skeleton is a key for finding impostors of authorised senders, never an identity: it
 must never be used to authorise anyone. Stored skeletons (senders.skeleton) depend on this
 function and its data: a change to either needs a store migration that recomputes them.
+
+A pure helper, not a stage: text in, text out (and the data file read once), no gateway
+imports. The store uses it (stored skeletons, the `gateway_skeleton` SQL function), and
+the store imports no stage (tests/test_layering.py).
 """
 
 from __future__ import annotations

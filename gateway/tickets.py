@@ -21,44 +21,33 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
+
+# The shared value types live in model.py (the store uses them too and imports no stage);
+# they are re-exported here so that `from .tickets import Status` keeps working.
+from .model import MessageKind as Kind
+from .model import Status, TicketRef, Via
+
+__all__ = [
+    "Kind",
+    "Status",
+    "SubjectTag",
+    "ThreadDecision",
+    "ThreadFacts",
+    "TicketLookup",
+    "TicketRef",
+    "Via",
+    "make_token",
+    "reference_order",
+    "thread_message",
+    "verify_token",
+]
 
 # A reply token is the plus-tag "t<number>-<mac>"; the mac is 10 base32 characters
 # (50 bits) of HMAC-SHA256 over the ticket number: not guessable, short enough for an
 # address that people see.
 _TOKEN = re.compile(r"t(\d{1,12})-([a-z2-7]{10})")
 _MAC_CHARS = 10
-
-
-class Status(StrEnum):
-    NEW = "new"
-    OPEN = "open"
-    PENDING = "pending"
-    SOLVED = "solved"
-    CLOSED = "closed"
-
-
-class Kind(StrEnum):
-    """What a stored message is to its ticket (the `kind` of the JSON contract)."""
-
-    CLIENT = "client"
-    STAFF = "staff"
-    AUTO_REPLY = "auto-reply"
-    BOUNCE = "bounce"
-    NOTE = "note"
-
-
-class Via(StrEnum):
-    """How a message found its ticket (kept on the message and in the log)."""
-
-    TOKEN = "token"
-    REFERENCES = "references"
-    TAG = "tag"
-    NEW = "new"
-    FOLLOW_UP = "follow-up"
-    DUPLICATE = "duplicate"
-    NONE = "none"
 
 
 def make_token(secret: bytes, number: int) -> str:
@@ -107,12 +96,6 @@ class SubjectTag:
         if number in self.find(subject):
             return subject
         return f"{self.format(number)} {subject}".strip()
-
-
-@dataclass(frozen=True)
-class TicketRef:
-    number: int
-    status: Status
 
 
 class TicketLookup(Protocol):

@@ -29,6 +29,7 @@ from gateway.store import Writer
 
 from .conftest import DaemonProcess, rows, wait_for, write_config
 from .relay import Relay, RelayedMessage
+from .storehelpers import store_outgoing
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 RETRY_AFTER = 60
@@ -79,7 +80,7 @@ def queue(
     """One committed outgoing mail to one recipient; returns (outbox row id, bytes)."""
     raw = ack(message_id, to)
     with closing(store.connect(config.database_path)) as conn, store.write_transaction(conn):
-        _, [row] = store.store_outgoing(
+        _, [row] = store_outgoing(
             conn,
             raw=raw,
             message_id=message_id,
@@ -246,7 +247,7 @@ async def test_the_gateway_starts_the_worker_and_wake_sends_at_once(
     # Queued through the daemon's own writer, as the intake transaction does.
     await gateway.writer.write(
         partial(
-            store.store_outgoing,
+            store_outgoing,
             raw=ack("<woken@support.example.org>"),
             message_id="<woken@support.example.org>",
             ticket=None,

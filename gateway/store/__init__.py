@@ -1,0 +1,216 @@
+"""The only SQL in gateway, one module per aggregate.
+
+- `connection`: opening the database, the start-up checks; `migrations`: the schema and
+  the SQL functions it calls; `errors`: StoreError and SQLite's result codes; `writer`:
+  the group-commit Writer thread and the CLI's `write_transaction`.
+- The aggregates: `messages` (stored messages, attachments, duplicates, filing),
+  `tickets` (tickets, participants, notes, TicketQueries, the reply-token secret),
+  `senders` (senders and organisations, grants, blocks, look-alike search), `quarantine`,
+  `outbox` (and undeliverable addresses), `events` (the audit trail).
+
+No module here imports a stage (tests/test_layering.py): only `model` and the pure text
+helper `lookalike`. This module re-exports what the rest of the code base used as
+`store.X` when the store was one file.
+"""
+
+# Re-exports for existing callers: new code should import from the submodule.
+from .connection import (
+    connect,
+)
+from .errors import (
+    SQLITE_BUSY,
+    SQLITE_LOCKED,
+    DatabaseRefused,
+    StoreError,
+    StoreFull,
+)
+from .events import (
+    list_events,
+    record_event,
+)
+from .messages import (
+    Filing,
+    StoredAttachment,
+    StoredMessage,
+    count_inbound_from,
+    find_duplicate,
+    first_inbound_with_message_id,
+    insert_message,
+    insert_planned_mail,
+    list_messages,
+    mail_spec,
+    outgoing_message,
+    read_raw,
+    set_filing,
+    store_built_mail,
+    stored_message_from_row,
+)
+from .migrations import (
+    APPLICATION_ID,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    add_sql_functions,
+)
+from .outbox import (
+    OUTBOX_STATUSES,
+    OutboxMail,
+    count_admin_notices,
+    count_automatic_mail,
+    due_outbox,
+    find_outbox,
+    is_undeliverable,
+    list_outbox,
+    mark_outbox_failed,
+    mark_outbox_retry,
+    mark_outbox_sent,
+    mark_undeliverable,
+    open_outbox_reader,
+    queue_mail,
+    retry_outbox,
+)
+from .quarantine import (
+    count_held,
+    decide_held,
+    expire_held,
+    held_for_loop_since,
+    held_message,
+    hold_message,
+    list_quarantine,
+)
+from .senders import (
+    Organisation,
+    SenderEntry,
+    add_org_domain,
+    add_organisation,
+    block_sender,
+    count_organisation_tickets,
+    find_lookalike,
+    find_organisation,
+    find_sender,
+    list_organisations,
+    list_senders,
+    organisation_for_domain,
+    organisation_unit,
+    remove_org_domain,
+    remove_organisation,
+    remove_sender,
+    sender_record,
+    update_organisation,
+    upsert_sender,
+)
+from .tickets import (
+    TicketQueries,
+    add_note,
+    add_participant,
+    create_ticket,
+    list_tickets,
+    set_acknowledged,
+    set_ticket_organisation,
+    set_ticket_status,
+    show_ticket,
+    ticket_acknowledged,
+    ticket_mail_info,
+    token_secret,
+    update_ticket,
+)
+from .writer import (
+    Writer,
+    write_transaction,
+)
+
+# Grouped by submodule (like the imports above), not in one alphabetical run.
+__all__ = [  # noqa: RUF022
+    # .errors
+    "DatabaseRefused",
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "StoreError",
+    "StoreFull",
+    # .migrations
+    "APPLICATION_ID",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "add_sql_functions",
+    # .connection
+    "connect",
+    # .writer
+    "Writer",
+    "write_transaction",
+    # .messages
+    "Filing",
+    "StoredAttachment",
+    "StoredMessage",
+    "count_inbound_from",
+    "find_duplicate",
+    "first_inbound_with_message_id",
+    "insert_message",
+    "insert_planned_mail",
+    "list_messages",
+    "mail_spec",
+    "outgoing_message",
+    "read_raw",
+    "set_filing",
+    "store_built_mail",
+    "stored_message_from_row",
+    # .tickets
+    "TicketQueries",
+    "add_note",
+    "add_participant",
+    "create_ticket",
+    "list_tickets",
+    "set_acknowledged",
+    "set_ticket_organisation",
+    "set_ticket_status",
+    "show_ticket",
+    "ticket_acknowledged",
+    "ticket_mail_info",
+    "token_secret",
+    "update_ticket",
+    # .senders
+    "Organisation",
+    "SenderEntry",
+    "add_org_domain",
+    "add_organisation",
+    "block_sender",
+    "count_organisation_tickets",
+    "find_lookalike",
+    "find_organisation",
+    "find_sender",
+    "list_organisations",
+    "list_senders",
+    "organisation_for_domain",
+    "organisation_unit",
+    "remove_org_domain",
+    "remove_organisation",
+    "remove_sender",
+    "sender_record",
+    "update_organisation",
+    "upsert_sender",
+    # .quarantine
+    "count_held",
+    "decide_held",
+    "expire_held",
+    "held_for_loop_since",
+    "held_message",
+    "hold_message",
+    "list_quarantine",
+    # .outbox
+    "OUTBOX_STATUSES",
+    "OutboxMail",
+    "count_admin_notices",
+    "count_automatic_mail",
+    "due_outbox",
+    "find_outbox",
+    "is_undeliverable",
+    "list_outbox",
+    "mark_outbox_failed",
+    "mark_outbox_retry",
+    "mark_outbox_sent",
+    "mark_undeliverable",
+    "open_outbox_reader",
+    "queue_mail",
+    "retry_outbox",
+    # .events
+    "list_events",
+    "record_event",
+]

@@ -1,0 +1,262 @@
+"""The schema: its migrations, its version, the mark that makes a file ours.
+
+Each entry of MIGRATIONS moves the schema from version N to N+1 (PRAGMA user_version).
+The SQL functions the migrations call (`add_sql_functions`) are registered on every
+connection that migrates, so a migration and the code compute the same values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sqlite3
+from collections.abc import Iterator
+
+from ..lookalike import skeleton
+from .errors import StoreError
+
+# Each entry moves the schema from version N to N+1 (PRAGMA user_version). Never edit an
+# entry that has shipped; append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE messages (
+        id           INTEGER PRIMARY KEY,
+        queue_id     TEXT NOT NULL UNIQUE,
+        received_at  TEXT NOT NULL,          -- ISO 8601, UTC
+        mail_from    TEXT NOT NULL,          -- '' for the null reverse-path
+        rcpt_to      TEXT NOT NULL,          -- JSON list of addresses
+        peer         TEXT NOT NULL,
+        helo         TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        sha256       TEXT NOT NULL,
+        message_id   TEXT,                   -- the header as written, brackets included
+        from_header  TEXT,
+        subject      TEXT,
+        date_header  TEXT,
+        malformed    TEXT,                   -- NULL, or why it could not be parsed
+        defects      TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX messages_by_message_id ON messages (message_id);
+    CREATE INDEX messages_by_received_at ON messages (received_at);
+    -- Raw bytes live apart so that listing messages never reads them.
+    CREATE TABLE message_raw (
+        message INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+        raw     BLOB NOT NULL
+    );
+    """,
+    # 2: tickets, threading, attachments, the audit trail.
+    """
+    CREATE TABLE tickets (
+        number      INTEGER PRIMARY KEY AUTOINCREMENT,
+        unit        TEXT NOT NULL,
+        requester   TEXT NOT NULL,               -- normalised address
+        subject     TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'new',
+        priority    TEXT NOT NULL DEFAULT 'normal',
+        follows     INTEGER REFERENCES tickets (number),  -- the closed ticket it follows up
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE INDEX tickets_by_status ON tickets (status, updated_at);
+    CREATE INDEX tickets_by_unit ON tickets (unit, updated_at);
+    CREATE INDEX tickets_by_updated_at ON tickets (updated_at);
+    -- Who may write to a ticket by its subject tag: its requester and every address
+    -- that has written to it.
+    CREATE TABLE participants (
+        ticket   INTEGER NOT NULL REFERENCES tickets (number),
+        address  TEXT NOT NULL,
+        PRIMARY KEY (ticket, address)
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
+    ALTER TABLE messages ADD COLUMN sender TEXT;          -- normalised From address
+    ALTER TABLE messages ADD COLUMN classification TEXT NOT NULL DEFAULT 'normal';
+    ALTER TABLE messages ADD COLUMN reasons TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE messages ADD COLUMN kind TEXT;            -- client, staff, auto-reply, ...
+    ALTER TABLE messages ADD COLUMN ticket INTEGER REFERENCES tickets (number);
+    ALTER TABLE messages ADD COLUMN threaded_via TEXT;
+    ALTER TABLE messages ADD COLUMN duplicate_of INTEGER REFERENCES messages (id);
+    ALTER TABLE messages ADD COLUMN text TEXT;            -- readable, quotes stripped
+    CREATE INDEX messages_by_ticket ON messages (ticket, id);
+    -- Attachment bytes, content-addressed: the same file sent twice is stored once, and
+    -- no file name from a mail ever becomes a path.
+    CREATE TABLE blobs (
+        sha256  TEXT PRIMARY KEY,
+        size    INTEGER NOT NULL,
+        data    BLOB NOT NULL
+    );
+    CREATE TABLE attachments (
+        message       INTEGER NOT NULL REFERENCES messages (id),
+        position      INTEGER NOT NULL,
+        name          TEXT NOT NULL,            -- sanitised display name
+        content_type  TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        sha256        TEXT NOT NULL REFERENCES blobs (sha256),
+        PRIMARY KEY (message, position)
+    );
+    CREATE TABLE undeliverable (
+        address     TEXT PRIMARY KEY,
+        ticket      INTEGER REFERENCES tickets (number),
+        message     INTEGER REFERENCES messages (id),   -- the bounce that said so
+        status      TEXT,
+        reason      TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY,
+        time     TEXT NOT NULL,
+        actor    TEXT NOT NULL,        -- the OS user for the CLI, the sender for mail
+        action   TEXT NOT NULL,        -- e.g. ticket.created, message.filed
+        subject  TEXT NOT NULL,        -- what it is about, e.g. ticket:12
+        ticket   INTEGER,
+        detail   TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_ticket ON events (ticket, id);
+    """,
+    # 3: organisations, authorised senders, the quarantine.
+    """
+    CREATE TABLE organisations (
+        id               INTEGER PRIMARY KEY,
+        name             TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        unit             TEXT,                 -- NULL: the unit of the mailbox written to
+        account_manager  TEXT,
+        created_at       TEXT NOT NULL
+    );
+    -- An organisation's mail domains identify it; they authorise nobody by themselves.
+    CREATE TABLE org_domains (
+        domain        TEXT PRIMARY KEY,         -- lower-case A-label
+        organisation  INTEGER NOT NULL REFERENCES organisations (id) ON DELETE CASCADE
+    );
+    -- One row per authorised address, or per whole domain ("@example.com") an admin
+    -- authorised explicitly, or per blocked address (organisation may then be NULL).
+    CREATE TABLE senders (
+        address       TEXT PRIMARY KEY,         -- normalised; "@domain" for a domain
+        organisation  INTEGER REFERENCES organisations (id) ON DELETE CASCADE,
+        name          TEXT,
+        blocked       INTEGER NOT NULL DEFAULT 0,
+        skeleton      TEXT NOT NULL,            -- look-alike key (confusables folded)
+        created_at    TEXT NOT NULL
+    );
+    CREATE INDEX senders_by_organisation ON senders (organisation);
+    CREATE INDEX senders_by_skeleton ON senders (skeleton);
+    ALTER TABLE tickets ADD COLUMN organisation INTEGER REFERENCES organisations (id);
+    CREATE TABLE quarantine (
+        id          INTEGER PRIMARY KEY,
+        message     INTEGER NOT NULL UNIQUE REFERENCES messages (id),
+        reasons     TEXT NOT NULL,              -- JSON list of kebab-case reasons
+        status      TEXT NOT NULL DEFAULT 'held',  -- held, released, discarded, expired
+        held_at     TEXT NOT NULL,
+        decided_at  TEXT,
+        decided_by  TEXT
+    );
+    CREATE INDEX quarantine_by_status ON quarantine (status, held_at);
+    CREATE INDEX messages_by_sender ON messages (sender, received_at);
+    """,
+    # 4: outgoing mail. Every mail we send is a messages row (direction 'out', raw bytes
+    # in message_raw, so replies thread by its Message-ID) plus one outbox row per
+    # recipient that the delivery worker works through.
+    """
+    ALTER TABLE tickets ADD COLUMN mailbox TEXT;      -- the address it came to: our From
+    ALTER TABLE tickets ADD COLUMN acknowledged INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE outbox (
+        id               INTEGER PRIMARY KEY,
+        message          INTEGER NOT NULL REFERENCES messages (id),
+        ticket           INTEGER REFERENCES tickets (number),
+        kind             TEXT NOT NULL,     -- acknowledgement, staff-reply, status-change, ...
+        automatic        INTEGER NOT NULL,  -- 1: counts against the per-recipient caps
+        mail_from        TEXT NOT NULL,     -- envelope sender; '' for automatic mail
+        rcpt_to          TEXT NOT NULL,     -- one recipient per row
+        subject          TEXT NOT NULL,
+        message_id       TEXT NOT NULL,
+        status           TEXT NOT NULL DEFAULT 'queued',  -- queued, sent, failed
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        sent_at          TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+    CREATE INDEX outbox_by_recipient ON outbox (rcpt_to, automatic, created_at);
+    CREATE INDEX outbox_by_ticket ON outbox (ticket, kind);
+    """,
+    # 5: mail is built by the delivery worker, not in the intake transaction: planning
+    # keeps what to build (template, context, headers) and the worker stores the bytes
+    # it built before it sends them.
+    """
+    CREATE TABLE mail_specs (
+        message  INTEGER PRIMARY KEY REFERENCES messages (id),
+        spec     TEXT NOT NULL           -- JSON: template, context and header values
+    );
+    """,
+    # 6: look-alike skeletons from Unicode's confusables data (UTS #39) instead of a
+    # hand-picked table: every stored skeleton is recomputed (gateway_skeleton() is
+    # gateway.lookalike.skeleton, registered by migrate()).
+    """
+    UPDATE senders SET skeleton = gateway_skeleton(address);
+    """,
+)
+
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# "GWAY": marks the file as this gateway's database in the SQLite header
+# (https://www.sqlite.org/fileformat.html#application_id), so that the file of another
+# application is refused, never migrated into. Files made before it was set carry 0 and
+# are recognised by their schema version and tables instead (`connection._check_identity`).
+APPLICATION_ID = 0x47574159
+
+
+def add_sql_functions(conn: sqlite3.Connection) -> None:
+    # Migrations that recompute look-alike keys call the same function as the code.
+    conn.create_function("gateway_skeleton", 1, skeleton, deterministic=True)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations the database has not seen, and mark the file as ours, in one
+    transaction; returns the schema version."""
+    add_sql_functions(conn)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database schema version {version} is newer than this gateway "
+                f"({SCHEMA_VERSION}); upgrade gateway"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> Iterator[str]:
+    # executescript() would COMMIT our transaction; split on complete statements instead.
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+
+
+@functools.cache
+def tables_of_version(version: int) -> frozenset[str]:
+    """The tables a database of this schema version has: the migrations, run in memory."""
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        add_sql_functions(conn)
+        for number in range(version):
+            for statement in _statements(MIGRATIONS[number]):
+                conn.execute(statement)
+        names = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        return frozenset(row[0] for row in names if not row[0].startswith("sqlite_"))
