@@ -28,13 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.bounce import DeliveryReport, extract_report  # noqa: E402
 from gateway.classify import (  # noqa: E402
     Classification,
-    DeliveryReport,
     Kind,
     OwnIdentity,
     classify,
-    extract_report,
 )
 
 DEFAULT_DIR = ROOT.parent / "shared" / "mail" / "sisimai-set-of-emails"

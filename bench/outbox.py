@@ -31,11 +31,11 @@ import sys
 import tempfile
 import time
 from contextlib import closing
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from gateway import outbox, store
+from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.outbox import OutboxWorker
 from gateway.store import Writer
@@ -84,7 +84,7 @@ def queue_mails(config: Config, count: int, size: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.storehelpers import store_outgoing
 
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
+    now = Clock().stamp()
     with closing(store.connect(config.database_path)) as conn, store.write_transaction(conn):
         for n in range(count):
             message_id, raw = make_mail(n, size)
@@ -143,7 +143,7 @@ async def deliver_all(config: Config, tls_context: ssl.SSLContext | None) -> flo
     """Time rounds until nothing is due; returns the wall seconds."""
     writer = Writer(config.database_path)
     await writer.start()
-    worker = OutboxWorker(config, writer, now=lambda: datetime.now(UTC), tls_context=tls_context)
+    worker = OutboxWorker(config, writer, clock=Clock(), tls_context=tls_context)
     try:
         started = time.perf_counter()
         while await worker.deliver_due():

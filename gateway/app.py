@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable
-from datetime import datetime
 
 from . import __version__
 from .authn import DnsFunc
+from .clock import Clock
 from .config import Config
-from .inbound import ParseLimits, ParserPool
 from .logs import event
 from .outbox import STOP_GRACE_SECONDS as OUTBOX_STOP_GRACE
 from .outbox import OutboxWorker
-from .pipeline import Pipeline, utc_now
+from .parserpool import ParserPool, parse_limits
+from .pipeline import Pipeline
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
@@ -40,12 +38,6 @@ STOP_GRACE_SECONDS = 50.0
 TEST_HOOKS_ENV = "GATEWAY_TEST_HOOKS"
 
 
-def parse_limits(config: Config) -> ParseLimits:
-    fields = dataclasses.asdict(config.parser)
-    fields.pop("workers")
-    return ParseLimits(**fields)
-
-
 class Gateway:
     """The running service: writer + parser pool + SMTP/LMTP server."""
 
@@ -53,18 +45,22 @@ class Gateway:
         self,
         config: Config,
         *,
-        now: Callable[[], datetime] = utc_now,
+        clock: Clock | None = None,
         dnsfunc: DnsFunc | None = None,
         relay_tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
-        self.now = now
+        # The one wall clock of the daemon, passed to every part that stamps a row; tests
+        # pass a FixedClock to move time.
+        self.clock = clock or Clock()
         self.writer = Writer(config.database_path, config.storage.busy_timeout_ms)
         self.parser = ParserPool(parse_limits(config), workers=config.parser.workers)
         # dnsfunc: the DNS lookup of DKIM keys; tests pass a stub, production None.
-        self.pipeline = Pipeline(config, self.parser, self.writer, now, dnsfunc)
+        self.pipeline = Pipeline(config, self.parser, self.writer, self.clock, dnsfunc)
         # relay_tls_context: tests trust their own CA; production builds it from the config.
-        self.outbox = OutboxWorker(config, self.writer, now=now, tls_context=relay_tls_context)
+        self.outbox = OutboxWorker(
+            config, self.writer, clock=self.clock, tls_context=relay_tls_context
+        )
         self.pipeline.mail_queued = self.outbox.wake
         self._server: asyncio.Server | None = None
         self._state: ServerState | None = None
@@ -78,7 +74,7 @@ class Gateway:
             await self.pipeline.start()
             self._server, self._state = await start_server(self.config, self.pipeline)
             self._scheduler = asyncio.create_task(
-                run_scheduler(self.config, self.writer, self.now), name="gateway-scheduler"
+                run_scheduler(self.config, self.writer, self.clock), name="gateway-scheduler"
             )
         except BaseException:
             await self.outbox.stop()

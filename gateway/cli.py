@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from . import __version__, store
 from .address import is_our_domain, match_mailbox, parse_sender
+from .clock import Clock
 from .config import Config, ConfigError, config_path, config_warnings, load_config
 from .notify import Planner
 from .render import TemplateError, Templates
@@ -36,9 +36,11 @@ class CliError(Exception):
     """A user-facing error: printed as `gateway: <message>`, exit 1."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> int:
+    """Run one command; `clock` (the one this command stamps with) is for tests."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.clock = clock or Clock()
     try:
         config = load_config(config_path(args.config))
         handler: Callable[[Config, argparse.Namespace], int] = args.handler
@@ -262,8 +264,10 @@ def _planner(config: Config, conn: sqlite3.Connection) -> Planner:
     return Planner(config, templates, store.token_secret(conn))
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+def _clock(args: argparse.Namespace) -> Clock:
+    """The command's clock (set by main)."""
+    clock: Clock = args.clock
+    return clock
 
 
 def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
@@ -278,7 +282,7 @@ def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
         if store.ticket_mail_info(conn, args.number) is None:
             raise CliError(f"no ticket #{args.number}")
         planner = _planner(config, conn)
-        now = _now()
+        now = _clock(args).stamp()
         actor = cli_actor()
         if note:
             store.add_note(conn, args.number, text=body, author=sender, now=now)
@@ -304,7 +308,7 @@ def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
     with closing(open_db(config)) as conn, store.write_transaction(conn):
-        now = _now()
+        now = _clock(args).stamp()
         old = store.set_ticket_status(conn, args.number, args.status, now)
         if old is None:
             raise CliError(f"no ticket #{args.number}")
@@ -447,7 +451,7 @@ def cmd_quarantine_release(config: Config, args: argparse.Namespace) -> int:
                 conn,
                 args.id,
                 actor=cli_actor(),
-                now=datetime.now(UTC),
+                now=_clock(args).now(),
                 authorise=args.authorise,
                 reason=args.reason,
             )
@@ -469,7 +473,7 @@ def cmd_quarantine_discard(config: Config, args: argparse.Namespace) -> int:
                 conn,
                 args.id,
                 actor=cli_actor(),
-                now=datetime.now(UTC),
+                now=_clock(args).now(),
                 reason=args.reason,
                 block=args.block,
             )
@@ -539,7 +543,7 @@ def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         row = store.find_outbox(conn, args.id)
         if row is None:
@@ -691,10 +695,6 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _add_reason_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", metavar="TEXT", help="why (kept in the audit trail)")
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @contextmanager
@@ -849,7 +849,7 @@ def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
         _check_not_ours(config, domain)
     unit = _unit(config, args.unit) if args.unit is not None else None
     manager = valid_address(args.account_manager) if args.account_manager else None
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         existing = store.find_organisation(conn, name)
         if existing is not None:
@@ -901,7 +901,7 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
     removed = list(dict.fromkeys(valid_domain(d) for d in args.remove_domain))
     for domain in added:
         _check_not_ours(config, domain)
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         org = _find_org(conn, args.name)
         changes: dict[str, Any] = {}
@@ -945,7 +945,7 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_orgs_remove(config: Config, args: argparse.Namespace) -> int:
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         org = _find_org(conn, args.name)
         tickets = store.count_organisation_tickets(conn, org.id)
@@ -980,7 +980,7 @@ def cmd_senders_add(config: Config, args: argparse.Namespace) -> int:
     if not address.startswith("@") and match_mailbox(address, config.mailboxes) is not None:
         raise CliError(f"{address} is one of our own mailboxes")
     name = _display_name(args.name)
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         org = _find_org(conn, args.org)
         if address.startswith("@"):
@@ -1030,7 +1030,7 @@ def _sender_changes(old: store.SenderEntry, org: str, name: str | None) -> dict[
 
 
 def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         try:
             address = _sender_key(args.address, args.domain, at_domain=True)
@@ -1064,7 +1064,7 @@ def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
     address = valid_address(args.address)
-    now = _utc_now()
+    now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         existing = store.find_sender(conn, address)
         if existing is not None and existing.blocked:
@@ -1143,7 +1143,7 @@ def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
             continue
         first_line[row.address] = line
         rows.append(row)
-    now = _utc_now()
+    now = _clock(args).stamp()
     added = updated = unchanged = 0
     granted: list[tuple[str, str]] = []  # the domain grants this import adds or changes
     with _admin_db(config, write=True) as conn:

@@ -29,9 +29,10 @@ from typing import Protocol, TypeVar
 import aiosmtplib
 
 from . import store
+from .clock import Clock, iso
 from .config import Config
 from .logs import event
-from .notify import build_planned
+from .mailbuild import build_planned
 from .render import Templates
 from .store import OutboxMail, Writer
 
@@ -81,10 +82,6 @@ def one_line(text: str) -> str:
     """A relay's reply or an exception as one line of at most MAX_ERROR_CHARS."""
     flat = " ".join(text.split())
     return flat if len(flat) <= MAX_ERROR_CHARS else flat[: MAX_ERROR_CHARS - 1] + "…"
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
 
 
 def next_attempt_at(
@@ -300,13 +297,13 @@ class OutboxWorker:
         config: Config,
         writer: Writer,
         *,
-        now: Callable[[], datetime],
+        clock: Clock,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.delivery = config.delivery
         self.writer = writer
-        self.now = now
+        self.clock = clock
         self.templates = Templates(config.templates_path)
         self.tls_context = tls_context
         if tls_context is None and self.delivery.mode == "smtp" and self.delivery.starttls:
@@ -363,7 +360,7 @@ class OutboxWorker:
             due = await self._read(
                 partial(
                     store.due_outbox,
-                    now=iso(self.now()),
+                    now=self.clock.stamp(),
                     limit=ROUND_LIMIT,
                     exclude=frozenset(self._unrecorded),
                 )
@@ -446,7 +443,7 @@ class OutboxWorker:
         return stored
 
     async def _record(self, mail: OutboxMail, failure: DeliveryError | None) -> None:
-        now = self.now()
+        now = self.clock.now()
         attempts = mail.attempts + 1
         fields: dict[str, object] = {
             "id": mail.id,

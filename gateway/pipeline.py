@@ -20,18 +20,21 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 
 from . import authn, store
 from .address import match_mailbox, parse_sender
-from .classify import Classification, DeliveryReport, Kind, OwnIdentity, classify
+from .bounce import DeliveryReport
+from .classify import Classification, Kind, OwnIdentity, classify
+from .clock import Clock
 from .config import Config, MailboxConfig, config_warnings
-from .inbound import InboundMessage, ParserPool, scan_header_block
+from .inbound import InboundMessage, scan_header_block
 from .logs import event
 from .lookalike import skeleton
 from .notify import MailKind, Planner
+from .parserpool import ParserPool
 from .policy import Disposition, PolicyFacts, Reason, Verdict, decide
 from .readable import sanitise_filename
 from .render import Templates
@@ -97,10 +100,6 @@ class IntakeResult:
 
 def new_queue_id() -> str:
     return secrets.token_hex(8)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -247,13 +246,13 @@ class Pipeline:
         config: Config,
         parser: ParserPool,
         writer: Writer,
-        now: Callable[[], datetime] = utc_now,
+        clock: Clock,
         dnsfunc: authn.DnsFunc | None = None,
     ) -> None:
         self.config = config
         self.parser = parser
         self.writer = writer
-        self.now = now
+        self.clock = clock
         self.dnsfunc = dnsfunc
         self.tag = SubjectTag(config.tickets.tag)
         self.own = own_identity(config)
@@ -383,7 +382,7 @@ class Pipeline:
     ) -> Intake:
         record = StoredMessage(
             queue_id=queue_id,
-            received_at=self.now().isoformat(timespec="microseconds"),
+            received_at=self.clock.stamp(),
             mail_from=envelope.mail_from,
             rcpt_to=envelope.rcpt_to,
             peer=envelope.peer,

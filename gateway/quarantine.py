@@ -14,10 +14,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import store
+from .clock import iso
 from .config import Config
-from .inbound import InboundMessage, ParserPool
+from .inbound import InboundMessage
 from .lookalike import skeleton
 from .notify import Planner
+from .parserpool import ParserPool, parse_limits
 from .pipeline import (
     _KIND_OF,
     Envelope,
@@ -48,8 +50,6 @@ class Released:
 
 def parse_held(config: Config, raw: bytes) -> InboundMessage:
     """Parse held mail again, in a worker process with the daemon's limits: it may be hostile."""
-
-    from .app import parse_limits  # app imports the scheduler, which imports this module
 
     async def run() -> InboundMessage:
         pool = ParserPool(parse_limits(config), workers=1)
@@ -86,7 +86,7 @@ def release(
     with store.write_transaction(conn):
         raw = bytes(_held(conn, quarantine_id)["raw"])
     parsed = parse_held(config, raw)
-    stamp = now.isoformat(timespec="microseconds")
+    stamp = iso(now)
     with store.write_transaction(conn):
         row = _held(conn, quarantine_id)
         record = store.stored_message_from_row(row)
@@ -199,7 +199,7 @@ def discard(
     block: bool = False,
 ) -> str | None:
     """Discard held mail (its bytes stay stored for audit); with block, block its sender."""
-    stamp = now.isoformat(timespec="microseconds")
+    stamp = iso(now)
     with store.write_transaction(conn):
         row = _held(conn, quarantine_id)
         sender = row["sender"]
@@ -229,8 +229,8 @@ def discard(
 
 def expire(conn: sqlite3.Connection, *, days: int, now: datetime) -> list[int]:
     """Expire held mail older than `days` (a unit for the writer, or the CLI)."""
-    stamp = now.isoformat(timespec="microseconds")
-    before = (now - timedelta(days=days)).isoformat(timespec="microseconds")
+    stamp = iso(now)
+    before = iso(now - timedelta(days=days))
     expired = store.expire_held(conn, before=before, now=stamp)
     for quarantine_id in expired:
         store.record_event(

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from datetime import datetime
 from functools import partial
 
 from . import quarantine
+from .clock import Clock
 from .config import Config
 from .logs import event
 from .store import Writer
@@ -21,10 +20,10 @@ from .store import Writer
 INTERVAL_SECONDS = 3600.0
 
 
-async def run_jobs(config: Config, writer: Writer, now: Callable[[], datetime]) -> None:
-    """One round of every job."""
+async def run_jobs(config: Config, writer: Writer, clock: Clock) -> None:
+    """One round of every job, as of clock.now() (a FixedClock runs them for another time)."""
     expired = await writer.write(
-        partial(quarantine.expire, days=config.policy.quarantine_days, now=now())
+        partial(quarantine.expire, days=config.policy.quarantine_days, now=clock.now())
     )
     if expired:
         event("quarantine.expired", count=len(expired), ids=",".join(map(str, expired)))
@@ -33,12 +32,12 @@ async def run_jobs(config: Config, writer: Writer, now: Callable[[], datetime]) 
 async def run_scheduler(
     config: Config,
     writer: Writer,
-    now: Callable[[], datetime],
+    clock: Clock,
     interval: float = INTERVAL_SECONDS,
 ) -> None:
     while True:
         try:
-            await run_jobs(config, writer, now)
+            await run_jobs(config, writer, clock)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -19,14 +19,13 @@ from types import ModuleType
 
 import pytest
 
+from gateway.bounce import DeliveryReport, extract_report
 from gateway.classify import (
     RULES,
     Classification,
-    DeliveryReport,
     Kind,
     OwnIdentity,
     classify,
-    extract_report,
 )
 from gateway.inbound import InboundMessage, ParseLimits, parse_message
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import classify, inbound, logs, readable
+from gateway import bounce, inbound, logs, readable
 from gateway.address import parse_sender
 from gateway.lookalike import skeleton
 
@@ -24,9 +24,9 @@ DATA = Path(__file__).resolve().parent / "data"
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "mail"
 
 GATED = (
-    *(pair for pair in zip(classify._FINGERPRINTS, classify._FINGERPRINT_GATES, strict=True)),
-    (("generic-failure", classify._GENERIC_FAILURE), classify._GENERIC_FAILURE_GATE),
-    (("challenge-text", classify._CHALLENGE_TEXT), classify._CHALLENGE_TEXT_GATE),
+    *(pair for pair in zip(bounce._FINGERPRINTS, bounce._FINGERPRINT_GATES, strict=True)),
+    (("generic-failure", bounce._GENERIC_FAILURE), bounce._GENERIC_FAILURE_GATE),
+    (("challenge-text", bounce._CHALLENGE_TEXT), bounce._CHALLENGE_TEXT_GATE),
 )
 
 
@@ -47,15 +47,15 @@ def test_fold_matches_ignorecase_on_every_character() -> None:
         char = chr(code)
         if 0xD800 <= code <= 0xDFFF or not letters.fullmatch(char):
             continue
-        folded = classify._folded(char)
+        folded = bounce._folded(char)
         assert len(folded) == 1 and folded.isascii(), hex(code)
         assert re.fullmatch(re.escape(folded), char, re.IGNORECASE), hex(code)
 
 
 def test_fold_keeps_length() -> None:
     text = "\u0130stanbul \u212aelvin \u017fome \u0131 \u03a3\u03a3 \u00df"
-    assert len(classify._folded(text)) == len(text)
-    assert classify._folded(text).startswith("istanbul kelvin some i")
+    assert len(bounce._folded(text)) == len(text)
+    assert bounce._folded(text).startswith("istanbul kelvin some i")
 
 
 def _texts() -> list[str]:
@@ -94,43 +94,42 @@ def test_gates_never_hide_a_match() -> None:
             sample = f"Hello,\n{variant}\nbye"
             for (name, pattern), gate in GATED:
                 if pattern.search(sample):
-                    assert classify._may_match(gate, classify._folded(sample)), (name, variant)
+                    assert bounce._may_match(gate, bounce._folded(sample)), (name, variant)
     for text in texts:
-        folded = classify._folded(text)
+        folded = bounce._folded(text)
         for (name, pattern), gate in GATED:
             if pattern.search(text):
-                assert classify._may_match(gate, folded), name
+                assert bounce._may_match(gate, folded), name
 
 
 def test_gated_scans_agree_with_the_patterns() -> None:
     subject = "Re: your question"
     for text in _texts():
-        found = next((n for n, p in classify._FINGERPRINTS if p.search(text)), None)
-        assert classify._fingerprint(text) == found
-        assert classify._fingerprint(text, classify._folded(text)) == found
+        found = next((n for n, p in bounce._FINGERPRINTS if p.search(text)), None)
+        assert bounce._fingerprint(text) == found
+        assert bounce._fingerprint(text, bounce._folded(text)) == found
         challenge = bool(
-            classify._CHALLENGE_SUBJECT.search(subject)
-            or classify._CHALLENGE_TEXT.search(text[:8192])
+            bounce._CHALLENGE_SUBJECT.search(subject) or bounce._CHALLENGE_TEXT.search(text[:8192])
         )
-        assert classify._is_challenge(subject, text) is challenge
-        assert classify._generic_failure(text, classify._folded(text)) is bool(
-            classify._GENERIC_FAILURE.search(text)
+        assert bounce.is_challenge(subject, text) is challenge
+        assert bounce._generic_failure(text, bounce._folded(text)) is bool(
+            bounce._GENERIC_FAILURE.search(text)
         )
 
 
 def test_may_match_is_any_alternative_with_all_clauses() -> None:
     gate = ((frozenset({"abc", "xyz"}), frozenset({"def"})), (frozenset({"ghi"}),))
-    assert classify._may_match(gate, "-- xyz -- def --")
-    assert classify._may_match(gate, "ghi")
-    assert not classify._may_match(gate, "abc only")
-    assert not classify._may_match(gate, "")
-    assert classify._may_match(None, "")
+    assert bounce._may_match(gate, "-- xyz -- def --")
+    assert bounce._may_match(gate, "ghi")
+    assert not bounce._may_match(gate, "abc only")
+    assert not bounce._may_match(gate, "")
+    assert bounce._may_match(None, "")
 
 
 def test_gate_of_a_pattern_without_required_words_is_none() -> None:
-    assert classify._gate(re.compile(r"\w+@\w+")) is None
-    assert classify._gate(re.compile(r"abc|x")) is None  # one alternative needs only "x"
-    assert classify._gate(re.compile(r"(?:abc)?def")) == ((frozenset({"def"}),),)
+    assert bounce._gate(re.compile(r"\w+@\w+")) is None
+    assert bounce._gate(re.compile(r"abc|x")) is None  # one alternative needs only "x"
+    assert bounce._gate(re.compile(r"(?:abc)?def")) == ((frozenset({"def"}),),)
 
 
 # --- From values read without the header parser -----------------------------------------

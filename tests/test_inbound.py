@@ -23,13 +23,12 @@ from gateway.app import Gateway
 from gateway.config import Config
 from gateway.inbound import (
     InboundMessage,
-    ParseFunction,
     ParseLimits,
-    ParserPool,
     parse_message,
     salvage_message,
     scan_header_block,
 )
+from gateway.parserpool import ParseFunction, ParserPool
 
 from .conftest import RawClient, rows, send_raw_message
 

@@ -22,7 +22,7 @@ import pytest
 from gateway import store
 from gateway.app import Gateway
 from gateway.config import Config
-from gateway.notify import build_mail
+from gateway.mailbuild import build_mail
 from gateway.render import RenderedMail
 
 from .conftest import RawClient, cli, make_message, rows, send_raw_message, wait_for

@@ -23,6 +23,7 @@ import trustme
 
 from gateway import cli, store
 from gateway.app import Gateway
+from gateway.clock import FixedClock
 from gateway.config import Config, load_config
 from gateway.outbox import MAX_BACKOFF_SECONDS, OutboxWorker, eml_name, next_attempt_at
 from gateway.store import Writer
@@ -34,22 +35,6 @@ from .storehelpers import store_outgoing
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 RETRY_AFTER = 60
 GIVE_UP_AFTER = 3600
-
-
-class Clock:
-    """The worker's `now`, moved by hand."""
-
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-    def to(self, stamp: str) -> None:
-        self.now = datetime.fromisoformat(stamp)
 
 
 def iso(moment: datetime) -> str:
@@ -128,11 +113,16 @@ async def start_worker() -> AsyncIterator[Callable[..., Any]]:
     made: list[tuple[Writer, OutboxWorker]] = []
 
     async def factory(
-        config: Config, *, clock: Clock | None = None, tls_context: ssl.SSLContext | None = None
+        config: Config,
+        *,
+        clock: FixedClock | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> OutboxWorker:
         writer = Writer(config.database_path)
         await writer.start()
-        worker = OutboxWorker(config, writer, now=clock or Clock(), tls_context=tls_context)
+        worker = OutboxWorker(
+            config, writer, clock=clock or FixedClock(T0), tls_context=tls_context
+        )
         made.append((writer, worker))
         return worker
 
@@ -287,7 +277,7 @@ async def test_temporary_failures_are_retried_with_backoff(
     if failure != "down":
         r.mode = failure
     config = make_config(extra=smtp_delivery(port))
-    clock = Clock()
+    clock = FixedClock(T0)
     worker = await start_worker(config, clock=clock, tls_context=r.client_tls_context())
     row_id, _ = queue(config)
 
@@ -304,7 +294,7 @@ async def test_temporary_failures_are_retried_with_backoff(
     assert await worker.deliver_due() == 1
     row = outbox_row(config, row_id)
     assert (row["status"], row["attempts"]) == ("queued", 2)
-    assert row["next_attempt_at"] == iso(clock.now + timedelta(seconds=2 * RETRY_AFTER))
+    assert row["next_attempt_at"] == iso(clock.now() + timedelta(seconds=2 * RETRY_AFTER))
     assert r.messages == []
 
 
@@ -314,7 +304,7 @@ async def test_temporary_failures_give_up_after_give_up_after(
     r: Relay = await relay()
     r.mode = "tempfail"
     config = make_config(extra=smtp_delivery(r.port, retry_after=100, give_up_after=1000))
-    clock = Clock()
+    clock = FixedClock(T0)
     worker = await start_worker(config, clock=clock, tls_context=r.client_tls_context())
     row_id, _ = queue(config)
 
@@ -324,7 +314,7 @@ async def test_temporary_failures_give_up_after_give_up_after(
         row = outbox_row(config, row_id)
         if row["status"] == "queued":
             waits.append((datetime.fromisoformat(row["next_attempt_at"]) - T0).total_seconds())
-            clock.to(row["next_attempt_at"])
+            clock.set(row["next_attempt_at"])
 
     assert waits == [100, 300, 700, 1000]  # doubling, the last try at the deadline
     row = outbox_row(config, row_id)
@@ -342,7 +332,7 @@ async def test_550_fails_at_once_without_retry(
     r: Relay = await relay()
     r.mode = "refuse"
     config = make_config(extra=smtp_delivery(r.port))
-    clock = Clock()
+    clock = FixedClock(T0)
     worker = await start_worker(config, clock=clock, tls_context=r.client_tls_context())
     row_id, _ = queue(config)
 
@@ -466,7 +456,7 @@ async def test_cli_outbox_list_and_retry(
     r: Relay = await relay()
     r.mode = "refuse"
     config = make_config(extra=smtp_delivery(r.port))
-    clock = Clock()
+    clock = FixedClock(T0)
     worker = await start_worker(config, clock=clock, tls_context=r.client_tls_context())
     failed, _ = queue(config, message_id="<a@support.example.org>")
     await worker.deliver_due()
@@ -514,7 +504,7 @@ async def test_cli_outbox_list_and_retry(
     assert retried["actor"].startswith("cli:")
     assert json.loads(retried["detail"])["reason"] == "fixed"
 
-    clock.now = datetime.now(UTC)
+    clock.set(datetime.now(UTC))
     await worker.deliver_due()
     assert outbox_row(config, failed)["status"] == "sent"
     assert [m.rcpt_tos for m in r.messages] == [("alice@client.example.com",)] * 2

@@ -28,7 +28,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from gateway import lookalike, notify, store
+from gateway import lookalike, mailbuild, store
 from gateway.app import Gateway
 from gateway.config import Config
 
@@ -103,11 +103,11 @@ async def test_acknowledgement_quotes_at_most_200_characters_of_the_subject(
 def test_a_quoted_subject_is_cut_at_a_character_boundary() -> None:
     # 199 characters, then "e" with a combining acute: never split from its accent.
     text = "x" * 198 + "e\u0301" + "tail"
-    quoted = notify.quote_subject(text)
+    quoted = mailbuild.quote_subject(text)
     assert len(quoted) <= 200 and quoted.endswith("…")
     assert "e\u0301" not in quoted and not quoted[:-1].endswith("e")
-    assert notify.quote_subject(quoted) == quoted  # quoting twice changes nothing
-    assert notify.quote_subject("short") == "short"
+    assert mailbuild.quote_subject(quoted) == quoted  # quoting twice changes nothing
+    assert mailbuild.quote_subject("short") == "short"
 
 
 # --- item 11: bidi and format characters --------------------------------------------
@@ -122,9 +122,9 @@ def test_the_format_character_list_matches_the_unicode_database() -> None:
         for c in range(sys.maxunicode + 1)
         if unicodedata.category(chr(c)) == "Cf" and chr(c) not in "\u200c\u200d"
     ]
-    assert every and notify.sanitise_header("a" + "".join(every) + "b") == "ab"
+    assert every and mailbuild.sanitise_header("a" + "".join(every) + "b") == "ab"
     # ZWNJ and ZWJ stay: Persian and emoji sequences need them.
-    assert notify.sanitise_header("می\u200cخواهم") == "می\u200cخواهم"
+    assert mailbuild.sanitise_header("می\u200cخواهم") == "می\u200cخواهم"
 
 
 async def test_bidi_controls_never_reach_generated_headers_or_quoted_subjects(
