@@ -29,6 +29,7 @@ from .clock import Clock
 from .config import Config, ConfigError, config_path, config_warnings, load_config
 from .notify import Planner
 from .render import TemplateError, Templates
+from .store.events import EventAction
 from .tickets import Status
 
 
@@ -297,7 +298,7 @@ def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
             conn,
             time=now,
             actor=actor,
-            action="ticket.replied",
+            action=EventAction.TICKET_REPLIED,
             subject=f"ticket:{args.number}",
             ticket=args.number,
             detail={"from": sender, "from_status": old, "to_status": status},
@@ -319,7 +320,7 @@ def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
             conn,
             time=now,
             actor=cli_actor(),
-            action="ticket.status",
+            action=EventAction.TICKET_STATUS,
             subject=f"ticket:{args.number}",
             ticket=args.number,
             detail={"from": old, "to": args.status, "reason": args.reason},
@@ -563,7 +564,7 @@ def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
             conn,
             time=now,
             actor=cli_actor(),
-            action="outbox.retried",
+            action=EventAction.OUTBOX_RETRIED,
             subject=f"outbox:{args.id}",
             ticket=row["ticket"],
             detail=detail,
@@ -722,7 +723,7 @@ def _record(
     args: argparse.Namespace,
     *,
     now: str,
-    action: str,
+    action: EventAction,
     subject: str,
     detail: dict[str, Any],
 ) -> None:
@@ -865,7 +866,7 @@ def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
             conn,
             args,
             now=now,
-            action="org.added",
+            action=EventAction.ORG_ADDED,
             subject=f"org:{name}",
             detail={"domains": domains, "unit": unit, "account_manager": manager},
         )
@@ -938,7 +939,12 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
             return 0
         store.update_organisation(conn, org.id, unit=unit, account_manager=manager)
         _record(
-            conn, args, now=now, action="org.updated", subject=f"org:{org.name}", detail=changes
+            conn,
+            args,
+            now=now,
+            action=EventAction.ORG_UPDATED,
+            subject=f"org:{org.name}",
+            detail=changes,
         )
     print(f"updated organisation {org.name}: {', '.join(changes)}")
     return 0
@@ -959,7 +965,7 @@ def cmd_orgs_remove(config: Config, args: argparse.Namespace) -> int:
                 conn,
                 args,
                 now=now,
-                action="sender.removed",
+                action=EventAction.SENDER_REMOVED,
                 subject=f"sender:{address}",
                 detail={"organisation": org.name, "via": "orgs remove"},
             )
@@ -967,7 +973,7 @@ def cmd_orgs_remove(config: Config, args: argparse.Namespace) -> int:
             conn,
             args,
             now=now,
-            action="org.removed",
+            action=EventAction.ORG_REMOVED,
             subject=f"org:{org.name}",
             detail={"domains": list(org.domains), "senders_removed": removed},
         )
@@ -997,10 +1003,10 @@ def cmd_senders_add(config: Config, args: argparse.Namespace) -> int:
             return 0
         store.upsert_sender(conn, address=address, organisation=org.id, name=name, now=now)
         if existing is None:
-            action, verb = "sender.added", "authorised"
+            action, verb = EventAction.SENDER_ADDED, "authorised"
             detail: dict[str, Any] = {"organisation": org.name, "name": name}
         else:
-            action, verb = "sender.updated", "updated"
+            action, verb = EventAction.SENDER_UPDATED, "updated"
             detail = _sender_changes(existing, org.name, name)
         if address.startswith("@"):
             detail["domain"] = True
@@ -1047,7 +1053,7 @@ def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
             conn,
             args,
             now=now,
-            action="sender.removed",
+            action=EventAction.SENDER_REMOVED,
             subject=f"sender:{address}",
             detail={
                 "organisation": existing.organisation,
@@ -1075,7 +1081,7 @@ def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
             conn,
             args,
             now=now,
-            action="sender.blocked",
+            action=EventAction.SENDER_BLOCKED,
             subject=f"sender:{address}",
             detail={
                 "organisation": existing.organisation if existing else None,
@@ -1189,11 +1195,11 @@ def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
             detail: dict[str, Any] = {"via": "import", "file": label, "line": row.line}
             if existing is None:
                 added += 1
-                action = "sender.added"
+                action = EventAction.SENDER_ADDED
                 detail.update(organisation=org.name, name=row.name)
             else:
                 updated += 1
-                action = "sender.updated"
+                action = EventAction.SENDER_UPDATED
                 detail.update(_sender_changes(existing, org.name, row.name))
             _record(
                 conn, args, now=now, action=action, subject=f"sender:{row.address}", detail=detail
@@ -1205,7 +1211,7 @@ def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
                 conn,
                 args,
                 now=now,
-                action="senders.imported",
+                action=EventAction.SENDERS_IMPORTED,
                 subject="senders",
                 detail={"file": label, "added": added, "updated": updated, "unchanged": unchanged},
             )

@@ -26,6 +26,7 @@ from .config import Config, MailboxConfig
 from .mailbuild import MAX_SUBJECT, MailSpec, quote_subject, sanitise_header
 from .render import Templates
 from .store import Filing, StoredMessage
+from .store.events import EventAction
 from .tickets import Kind as MessageKind
 from .tickets import SubjectTag, make_token
 
@@ -226,7 +227,7 @@ class Planner:
                 conn,
                 time=now,
                 actor="gateway",
-                action="mail.withheld",
+                action=EventAction.MAIL_WITHHELD,
                 subject=about or f"notice:{kind.value}",
                 ticket=None,
                 detail={
@@ -377,7 +378,7 @@ class Planner:
             conn,
             time=now,
             actor="gateway",
-            action="mail.queued",
+            action=EventAction.MAIL_QUEUED,
             subject=f"message:{row}",
             ticket=ticket,
             detail={"kind": kind.value, "to": spec.to, "message_id": spec.message_id},

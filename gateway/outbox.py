@@ -35,6 +35,7 @@ from .logs import event
 from .mailbuild import build_planned
 from .render import Templates
 from .store import OutboxMail, Writer
+from .store.events import EventAction
 
 log = logging.getLogger("gateway")
 
@@ -502,7 +503,7 @@ class OutboxWorker:
             conn,
             time=now,
             actor="gateway",
-            action="outbox.failed",
+            action=EventAction.OUTBOX_FAILED,
             subject=f"outbox:{mail.id}",
             ticket=mail.ticket,
             detail={"to": mail.rcpt_to, "kind": mail.kind, "error": error},

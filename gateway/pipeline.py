@@ -39,6 +39,7 @@ from .policy import Disposition, PolicyFacts, Reason, Verdict, decide
 from .readable import sanitise_filename
 from .render import Templates
 from .store import Filing, StoredAttachment, StoredMessage, StoreFull, TicketQueries, Writer
+from .store.events import EventAction
 from .tickets import Kind as MessageKind
 from .tickets import (
     Status,
@@ -511,7 +512,7 @@ def store_intake(conn: sqlite3.Connection, *, intake: Intake) -> Outcome:
             conn,
             time=now,
             actor=facts.sender or record.mail_from or "<>",
-            action="quarantine.held",
+            action=EventAction.QUARANTINE_HELD,
             subject=f"quarantine:{quarantine_id}",
             detail={"message": row_id, "reasons": list(verdict.reasons)},
         )
@@ -547,7 +548,7 @@ def _record_flags(
             conn,
             time=now,
             actor=record.sender or record.mail_from or "<>",
-            action="message.flagged",
+            action=EventAction.MESSAGE_FLAGGED,
             subject=f"message:{row_id}",
             detail={"message": row_id, "reason": flag, "message_id": record.message_id},
         )
@@ -711,7 +712,7 @@ def file_message(
                 conn,
                 time=now,
                 actor=actor,
-                action="ticket.reopened",
+                action=EventAction.TICKET_REOPENED,
                 subject=f"ticket:{number}",
                 ticket=number,
                 detail={"from": decision.ticket.status.value, "to": Status.OPEN.value},
@@ -737,7 +738,7 @@ def file_message(
         conn,
         time=now,
         actor=actor,
-        action="ticket.created",
+        action=EventAction.TICKET_CREATED,
         subject=f"ticket:{number}",
         ticket=number,
         detail={
@@ -761,7 +762,7 @@ def _withheld(
             conn,
             time=now,
             actor="gateway",
-            action="mail.withheld",
+            action=EventAction.MAIL_WITHHELD,
             subject=f"ticket:{ticket}",
             ticket=ticket,
             detail={"kind": kind.value, "why": why_not},
@@ -794,7 +795,7 @@ def _file_staff_mail(
             conn,
             time=now,
             actor=record.sender or "<>",
-            action="ticket.noted",
+            action=EventAction.TICKET_NOTED,
             subject=f"ticket:{number}",
             ticket=number,
             detail={"message": row_id, "released": intake.facts.released},
@@ -807,7 +808,7 @@ def _file_staff_mail(
         conn,
         time=now,
         actor=record.sender or "<>",
-        action="ticket.replied",
+        action=EventAction.TICKET_REPLIED,
         subject=f"ticket:{number}",
         ticket=number,
         detail={"message": row_id, "from_status": old, "to_status": Status.PENDING.value},
@@ -870,7 +871,7 @@ def _mark_bounced(
             conn,
             time=now,
             actor=actor,
-            action="recipient.undeliverable",
+            action=EventAction.RECIPIENT_UNDELIVERABLE,
             subject=f"address:{address}",
             ticket=event.ticket,
             detail={"message": row_id, "status": list(report.status_codes)},

@@ -33,6 +33,7 @@ from .pipeline import (
 )
 from .policy import Disposition, PolicyFacts, decide
 from .render import Templates
+from .store.events import EventAction
 from .tickets import SubjectTag
 
 
@@ -149,7 +150,7 @@ def release(
             conn,
             time=stamp,
             actor=actor,
-            action="quarantine.released",
+            action=EventAction.QUARANTINE_RELEASED,
             subject=f"quarantine:{quarantine_id}",
             ticket=filing.ticket,
             detail={
@@ -182,7 +183,7 @@ def _authorise(
         conn,
         time=now,
         actor=actor,
-        action="sender.added",
+        action=EventAction.SENDER_ADDED,
         subject=f"sender:{sender}",
         detail={"organisation": organisation.name, "via": "quarantine release", "reason": reason},
     )
@@ -211,7 +212,7 @@ def discard(
                 conn,
                 time=stamp,
                 actor=actor,
-                action="sender.blocked",
+                action=EventAction.SENDER_BLOCKED,
                 subject=f"sender:{sender}",
                 detail={"via": f"quarantine:{quarantine_id}", "reason": reason},
             )
@@ -220,7 +221,7 @@ def discard(
             conn,
             time=stamp,
             actor=actor,
-            action="quarantine.discarded",
+            action=EventAction.QUARANTINE_DISCARDED,
             subject=f"quarantine:{quarantine_id}",
             detail={"message": row["id"], "blocked": sender if block else None, "reason": reason},
         )
@@ -237,7 +238,7 @@ def expire(conn: sqlite3.Connection, *, days: int, now: datetime) -> list[int]:
             conn,
             time=stamp,
             actor="gateway",
-            action="quarantine.expired",
+            action=EventAction.QUARANTINE_EXPIRED,
             subject=f"quarantine:{quarantine_id}",
             detail={"after_days": days},
         )

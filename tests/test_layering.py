@@ -40,6 +40,7 @@ STAGES = frozenset(
     )
 )
 
+
 def module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root.parent).with_suffix("").parts)
     if parts[-1] == "__init__":

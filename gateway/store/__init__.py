@@ -25,6 +25,7 @@ from .errors import (
     StoreFull,
 )
 from .events import (
+    EventAction,
     list_events,
     record_event,
 )
@@ -211,6 +212,7 @@ __all__ = [  # noqa: RUF022
     "queue_mail",
     "retry_outbox",
     # .events
+    "EventAction",
     "list_events",
     "record_event",
 ]

@@ -4,7 +4,37 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from enum import StrEnum
 from typing import Any
+
+
+class EventAction(StrEnum):
+    """Every action the audit trail records: who did what, to which ticket, sender,
+    organisation, quarantine entry or mail. The stored value is the dotted name."""
+
+    MAIL_QUEUED = "mail.queued"
+    MAIL_WITHHELD = "mail.withheld"
+    MESSAGE_FLAGGED = "message.flagged"
+    ORG_ADDED = "org.added"
+    ORG_REMOVED = "org.removed"
+    ORG_UPDATED = "org.updated"
+    OUTBOX_FAILED = "outbox.failed"
+    OUTBOX_RETRIED = "outbox.retried"
+    QUARANTINE_DISCARDED = "quarantine.discarded"
+    QUARANTINE_EXPIRED = "quarantine.expired"
+    QUARANTINE_HELD = "quarantine.held"
+    QUARANTINE_RELEASED = "quarantine.released"
+    RECIPIENT_UNDELIVERABLE = "recipient.undeliverable"
+    SENDER_ADDED = "sender.added"
+    SENDER_BLOCKED = "sender.blocked"
+    SENDER_REMOVED = "sender.removed"
+    SENDER_UPDATED = "sender.updated"
+    SENDERS_IMPORTED = "senders.imported"
+    TICKET_CREATED = "ticket.created"
+    TICKET_NOTED = "ticket.noted"
+    TICKET_REOPENED = "ticket.reopened"
+    TICKET_REPLIED = "ticket.replied"
+    TICKET_STATUS = "ticket.status"
 
 
 def record_event(
@@ -12,7 +42,7 @@ def record_event(
     *,
     time: str,
     actor: str,
-    action: str,
+    action: EventAction,
     subject: str,
     ticket: int | None = None,
     detail: dict[str, Any] | None = None,

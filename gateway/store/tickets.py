@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import MessageKind, Status, TicketRef, Via
-from .events import record_event
+from .events import EventAction, record_event
 from .messages import Filing, StoredMessage, insert_message
 
 
@@ -211,7 +211,7 @@ def add_note(conn: sqlite3.Connection, ticket: int, *, text: str, author: str, n
         conn,
         time=now,
         actor=author,
-        action="ticket.noted",
+        action=EventAction.TICKET_NOTED,
         subject=f"ticket:{ticket}",
         ticket=ticket,
         detail={"message": row},
