@@ -9,7 +9,9 @@ limits on the abuser never touch it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import smtplib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +20,20 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, load_config
+from gateway.pipeline import Envelope as IntakeEnvelope
+from gateway.pipeline import IntakeResult, IntakeStatus
 from gateway.server import ConnectionGate
 
-from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages, wait_for
+from .conftest import (
+    DaemonProcess,
+    RawClient,
+    make_message,
+    rows,
+    send_raw_message,
+    stored_messages,
+    wait_for,
+)
 
 SENDER = "alice@client.example.com"
 MAILBOX = "support@example.org"
@@ -669,3 +681,325 @@ async def test_slow_handler_answers_451_before_the_client_timeout(
     code, text = await send_raw_message(retry, message)
     assert text.startswith("250 2.0.0"), text
     assert len(stored_messages(config)) == 1
+
+
+# --- 56. Global connection cap from many addresses ------------------------------------------
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _fds(pid: int, port: int) -> tuple[int, int]:
+    """A process's open descriptors: (client connections on `port`, everything else).
+
+    A connection is a socket whose inode /proc/net/tcp lists with local port `port` and
+    not listening. Told apart so that a connection still closing cannot hide a leak."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] != "0A":  # 0A: TCP_LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    connections = sum(1 for link in links if link in inodes)
+    return connections, len(links) - connections
+
+
+def outbox_settled(config: Config) -> bool:
+    return not rows(config, "SELECT id FROM outbox WHERE status = 'queued'")
+
+
+class FdPeak:
+    """Samples a process's open-descriptor count in a thread and keeps the highest.
+
+    A thread, not a task: the test's own event loop is busy opening the flood."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = _fd_count(pid)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _fd_count(self.pid))
+            self.samples += 1
+            time.sleep(0.0005)  # the sampling period: a refused socket lives longer
+
+    def __enter__(self) -> FdPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
+    daemon: Callable[..., DaemonProcess], clients: Callable[..., Any]
+) -> None:
+    # RELIABILITY 56, scaled: 100 connections from 100 loopback addresses (127.0.0.0/8),
+    # against the real daemon process, with max_connections = 20.
+    cap, attempts = 20, 100
+    process: DaemonProcess = await asyncio.to_thread(daemon, max_connections=cap)
+    assert process.proc is not None
+    pid = process.proc.pid
+    # One message first, so what the daemon opens lazily (parser pipes, readers) is open.
+    config = load_config(process.config_path)
+    latencies = await legit_mail_latencies(process.port, clients, 1)
+    # At rest: no connection, and the acknowledgement written to the outbox folder (the
+    # outbox holds a file and the folder open while it writes).
+    await wait_for(lambda: _fds(pid, process.port)[0] == 0 and outbox_settled(config))
+    _, others = _fds(pid, process.port)
+    log_offset = len(process.log_text())
+
+    opened: list[RawClient] = []
+    try:
+        started = time.monotonic()
+        with FdPeak(pid) as fds:
+            flood = await asyncio.gather(
+                *(clients(process.port, f"127.0.1.{n}") for n in range(1, attempts + 1))
+            )
+            opened.extend(flood)
+            answers = await asyncio.gather(*(client.reply(5) for client in flood))
+            answered = time.monotonic() - started
+            refused = [c for c, (_, t) in zip(flood, answers, strict=True) if t[:3] == "421"]
+            # The refused ones are hung up on (RFC 5321 3.8), not left open.
+            assert all(await asyncio.gather(*(c.closed(5) for c in refused)))
+            # Once the refused are gone: exactly the cap held, and nothing else opened.
+            held = await wait_for(lambda: _fds(pid, process.port) == (cap, others), timeout=5)
+        greeted = [t for _, t in answers if t.startswith("220")]
+        assert len(greeted) == cap, answers
+        assert len(refused) == attempts - cap
+        assert all(t.startswith("421 4.7.0") for _, t in answers if t[:3] != "220"), answers
+        assert answered < 1, answered
+        assert held
+        # Transiently the refused ones are open too (accepted, told 421, closed), but never
+        # more than one descriptor per connection: nothing per session leaks or piles up.
+        assert fds.samples > 0 and fds.peak <= others + attempts + 1, fds.peak
+        # While the cap is full a newcomer is refused too (no fd is kept for it).
+        late = await clients(process.port, "127.0.2.1")
+        opened.append(late)
+        assert (await late.reply(5))[1].startswith("421 4.7.0")
+    finally:
+        for client in opened:
+            await client.close()
+    # Every descriptor comes back, and a legitimate client is served at once.
+    await wait_for(lambda: _fds(pid, process.port) == (0, others), timeout=5)
+    latencies = await legit_mail_latencies(process.port, clients, 1)
+    assert latencies[0] < 2, latencies
+    await wait_for(lambda: outbox_settled(config) and _fds(pid, process.port) == (0, others))
+    assert _fd_count(pid) == others
+    # No EMFILE, no error flood: the refusals are info lines, one per connection.
+    log = process.log_text()[log_offset:]
+    assert "Too many open files" not in log and "EMFILE" not in log
+    problems = [line for line in log.splitlines() if not line.startswith("level=info ")]
+    assert problems == [], problems[:5]
+    assert log.count("event=smtp.refused") == attempts - cap + 1
+
+
+# --- 58. More concurrent large messages than DATA slots ----------------------------------------
+
+
+class SlotPeak:
+    """Samples the server's DATA slots in use from a task, and keeps the highest.
+
+    Slots change only on the event loop, and a 1 MiB transfer spans many iterations, so
+    a sample every millisecond sees every holder."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.slots = gateway.state.data_slots
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.slots.in_use)
+            await asyncio.sleep(0.001)
+
+    def __enter__(self) -> SlotPeak:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_more_large_messages_than_data_slots_wait_get_451_and_succeed_on_retry(
+    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+) -> None:
+    # RELIABILITY 58, scaled: 12 concurrent 1 MiB messages from 12 addresses, 4 DATA slots.
+    slots, senders = 4, 12
+    config = make_config(
+        max_message_size=2 * 1024 * 1024, extra_smtp=f"data_slots = {slots}\ndata_slot_wait = 1"
+    )
+    gateway: Gateway = await start_gateway(config)
+    line = "x" * 998 + "\r\n"
+    messages = [
+        make_message(subject=f"large {i}", body=line * 1049) for i in range(senders)
+    ]  # 1 MiB and a little more each
+    assert all(len(m) > 1024 * 1024 for m in messages)
+    conns: list[RawClient] = [
+        await clients(gateway.port, f"127.0.3.{i + 1}") for i in range(senders)
+    ]
+    for client in conns:
+        await greet(client)
+        assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
+        assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
+    with SlotPeak(gateway) as peak:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(client.command("DATA") for client in conns))
+        waited = time.monotonic() - started
+        inside = [i for i, (code, _) in enumerate(answers) if code == 354]
+        busy = [i for i, (_, text) in enumerate(answers) if text.startswith("451 4.3.2")]
+        # The slot holders have sent all but the final dot: they are still in DATA, so
+        # every other sender waited data_slot_wait for a slot, then got 451.
+        assert len(inside) == slots and len(busy) == senders - slots, answers
+        assert 0.9 < waited < 3, waited
+        for i in inside:
+            await conns[i].send(messages[i])
+        assert gateway.state.data_slots.in_use == slots
+        finals = await asyncio.gather(*(conns[i].command(b".") for i in inside))
+        assert all(text.startswith("250 2.0.0") for _, text in finals), finals
+
+        # The others retry (as an MTA does on a 4xx), on the same session, until 250.
+        async def retry(i: int) -> str:
+            client = conns[i]
+            deadline = time.monotonic() + 10
+            while True:
+                code, text = await client.command("DATA")
+                if code == 354:
+                    await client.send(send_body(messages[i]))
+                    return (await client.reply(30))[1]
+                assert text.startswith("451 4.3.2"), text
+                assert time.monotonic() < deadline, "no DATA slot within 10 s"
+
+        retried = await asyncio.gather(*(retry(i) for i in busy))
+    assert all(text.startswith("250 2.0.0") for text in retried), retried
+    assert 0 < peak.peak <= slots, peak.peak
+    assert gateway.state.data_slots.in_use == 0
+    # Every 250 is a stored message, byte for byte.
+    queued = {t.rsplit(" ", 1)[1] for t in [t for _, t in finals] + retried}
+    stored = stored_messages(config)
+    assert {m["queue_id"] for m in stored} == queued
+    raws = rows(
+        config,
+        "SELECT r.raw FROM message_raw r JOIN messages m ON m.id = r.message"
+        " WHERE m.direction = 'in'",
+    )
+    assert sorted(bytes(r["raw"]) for r in raws) == sorted(messages)
+
+
+def send_body(message: bytes) -> bytes:
+    """The message as sent after 354: dot-stuffed, ended by the final dot."""
+    body = message.replace(b"\r\n.", b"\r\n..")
+    return body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
+# --- 50a, second branch: committed, but the answer comes too late --------------------------
+
+
+def filed_once(config: Config, message_id: str) -> None:
+    """Two stored copies of one message: the first filed on the one ticket, the retry
+    kept as its duplicate; one acknowledgement planned (never a lost, never a doubled mail)."""
+    copies = [m for m in stored_messages(config) if m["message_id"] == message_id]
+    assert len(copies) == 2, copies
+    retry, first = copies  # newest first
+    assert first["ticket"] is not None and first["duplicate_of"] is None, first
+    assert retry["ticket"] is None and retry["duplicate_of"] == first["id"], retry
+    assert [r["number"] for r in rows(config, "SELECT number FROM tickets")] == [first["ticket"]]
+    acks = rows(config, "SELECT ticket FROM outbox WHERE kind = 'acknowledgement'")
+    assert [r["ticket"] for r in acks] == [first["ticket"]]
+
+
+def smtplib_send(port: int, message: bytes, reply_timeout: float) -> tuple[int, bytes]:
+    """A real SMTP client (smtplib, in a thread) that waits `reply_timeout` seconds for
+    the answer to the final dot, as an MTA's DATA-termination timer does."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.example.com")
+        smtp.mail(SENDER)
+        smtp.rcpt(MAILBOX)
+        assert smtp.sock is not None
+        smtp.sock.settimeout(reply_timeout)
+        return smtp.data(message)
+
+
+async def test_answer_stalled_after_the_commit_gives_a_duplicate_not_a_loss(
+    config: Config, start_gateway: Any
+) -> None:
+    # RELIABILITY 50a: the commit is done, then the event loop stalls in the post-commit
+    # hook (the outbox wake: production's Pipeline.mail_queued) longer than the client
+    # waits. The client gives up and sends the message again; dedupe files it once.
+    gateway: Gateway = await start_gateway(config)
+    client_gave_up = threading.Event()
+    wake = gateway.pipeline.mail_queued
+    stalls: list[int] = []
+
+    def stalled_wake() -> None:
+        wake()
+        if not stalls:
+            stalls.append(len(stored_messages(config)))  # committed before the hook runs
+            client_gave_up.wait(5)  # blocks the event loop: every session waits
+
+    gateway.pipeline.mail_queued = stalled_wake
+    message = make_message(message_id="<stalled-ack@client.example.com>")
+
+    def first_attempt() -> None:
+        try:
+            smtplib_send(gateway.port, message, reply_timeout=0.5)
+        except (smtplib.SMTPServerDisconnected, OSError):
+            return  # timed out waiting for the reply to the final dot
+        finally:
+            client_gave_up.set()
+        raise AssertionError("the first attempt got an answer in time")
+
+    await asyncio.to_thread(first_attempt)
+    assert stalls == [1]
+    # The retry, as the MTA sends it from its queue: the same bytes.
+    code, text = await asyncio.to_thread(smtplib_send, gateway.port, message, 10)
+    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as"), (code, text)
+    filed_once(config, "<stalled-ack@client.example.com>")
+
+
+async def test_handler_timing_out_after_the_commit_gives_a_duplicate_not_a_loss(
+    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+) -> None:
+    # RELIABILITY 50a: the commit is done, then what follows it (here the real pipeline
+    # wrapped in a stand-in that holds its result) outlasts the handler's budget. The
+    # handler answers 451 within the client's window; the retry is a duplicate, filed once.
+    config = make_config(timeout=2)  # the handler's budget: 0.9 x 2 s
+    gateway: Gateway = await start_gateway(config)
+    receive = gateway.pipeline.receive
+    never = asyncio.Event()
+    held: list[IntakeResult] = []
+
+    async def slow_after_commit(envelope: IntakeEnvelope, raw: bytes) -> IntakeResult:
+        result = await receive(envelope, raw)
+        if not held:
+            held.append(result)
+            await asyncio.wait_for(never.wait(), 10)  # cancelled by the handler's budget
+        return result
+
+    gateway.pipeline.receive = slow_after_commit  # type: ignore[method-assign]
+    message = make_message(message_id="<late-ack@client.example.com>")
+    client: RawClient = await clients(gateway.port)
+    started = time.monotonic()
+    code, text = await send_raw_message(client, message)
+    elapsed = time.monotonic() - started
+    assert [r.status for r in held] == [IntakeStatus.ACCEPTED]  # it was committed
+    assert text.startswith("451 4.3.0"), text  # never a 250 we could not stand behind late
+    assert elapsed < 2.5, elapsed  # inside the client's (and aiosmtpd's) 2 s window
+    # The client retries on the same session (RFC 5321 4.2.5: a 4xx after the dot).
+    code, text = await send_raw_message(client, message, greet=False)
+    assert text.startswith("250 2.0.0"), text
+    filed_once(config, "<late-ack@client.example.com>")
