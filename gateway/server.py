@@ -831,13 +831,27 @@ async def start_server(
     handler = Handler(config, pipeline, free_space_check(config))
     factory = protocol_factory(config, handler, state)
     loop = asyncio.get_running_loop()
+    backlog = listen_backlog(config)
     if sock is not None:
-        server = await loop.create_server(factory, sock=sock)
+        server = await loop.create_server(factory, sock=sock, backlog=backlog)
     else:
         server = await loop.create_server(
-            factory, host=config.smtp.host, port=config.smtp.port, reuse_address=True
+            factory,
+            host=config.smtp.host,
+            port=config.smtp.port,
+            reuse_address=True,
+            backlog=backlog,
         )
     return server, state
+
+
+def listen_backlog(config: Config) -> int:
+    """Room in the kernel's accept queue for a flood of five times the connection cap
+    (RELIABILITY.md part 2.7): every attempt is accepted and, past the cap, answered
+    `421` at once; with asyncio's default of 100 a larger flood overflows the queue and
+    its clients wait out a one-second SYN retry before they even hear the 421. The
+    kernel caps it at net.core.somaxconn (4096 by default)."""
+    return min(4096, max(128, 5 * config.smtp.max_connections))
 
 
 async def stop_server(server: asyncio.Server, state: ServerState, grace: float) -> None:
