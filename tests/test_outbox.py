@@ -29,6 +29,7 @@ from gateway.clock import FixedClock
 from gateway.config import Config, load_config
 from gateway.outbox import MAX_BACKOFF_SECONDS, OutboxWorker, eml_name, next_attempt_at
 from gateway.store import Writer
+from gateway.store.outbox import due_mail
 from gateway.store.reader import Reader
 
 from .conftest import DaemonProcess, rows, seed_senders, wait_for, write_config
@@ -302,6 +303,36 @@ async def test_the_daemons_readers_use_one_read_only_aiosqlite_connection(
         ]
 
     await wait_for(lambda: not leftover(), timeout=5)
+
+
+async def test_due_mail_is_oldest_due_first_and_skips_the_unrecorded(
+    make_config: Callable[..., Config],
+) -> None:
+    """The worker's one read of due rows (store.outbox.due_mail on the aiosqlite reader):
+    oldest due first, never a row still due later, `exclude`d ids (outcomes the Writer
+    could not record yet) skipped without shrinking the round below `limit`."""
+    config = make_config()
+    old, _ = queue(config, message_id="<old@support.example.org>", created=T0)
+    later, _ = queue(config, message_id="<later@support.example.org>", created=T0 + timedelta(1))
+    newer, _ = queue(config, message_id="<newer@support.example.org>", created=T0 + timedelta(2))
+    future, _ = queue(config, message_id="<future@support.example.org>", created=T0 + timedelta(9))
+    reader = Reader(config.database_path)
+    await reader.open()
+    try:
+        now = iso(T0 + timedelta(3))
+        assert [m.id for m in await due_mail(reader.db, now=now, limit=10)] == [old, later, newer]
+        assert [m.id for m in await due_mail(reader.db, now=now, limit=2)] == [old, later]
+        skipped = await due_mail(reader.db, now=now, limit=2, exclude=frozenset({old}))
+        assert [m.id for m in skipped] == [later, newer]
+        [first] = await due_mail(reader.db, now=now, limit=1)
+        assert (first.message_id, first.rcpt_to, first.mail_from) == (
+            "<old@support.example.org>",
+            "alice@client.example.com",
+            "",
+        )
+        assert future not in [m.id for m in await due_mail(reader.db, now=now, limit=10)]
+    finally:
+        await reader.close()
 
 
 # --- smtp mode: temporary failures are retried, 5xx fails -------------------------------
