@@ -39,6 +39,7 @@ from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.outbox import OutboxWorker
 from gateway.store import Writer
+from gateway.store.reader import Reader
 
 CONFIG = """
 [smtp]
@@ -143,7 +144,9 @@ async def deliver_all(config: Config, tls_context: ssl.SSLContext | None) -> flo
     """Time rounds until nothing is due; returns the wall seconds."""
     writer = Writer(config.database_path)
     await writer.start()
-    worker = OutboxWorker(config, writer, clock=Clock(), tls_context=tls_context)
+    reader = Reader(config.database_path)
+    await reader.open()
+    worker = OutboxWorker(config, writer, reader, clock=Clock(), tls_context=tls_context)
     try:
         started = time.perf_counter()
         while await worker.deliver_due():
@@ -151,6 +154,7 @@ async def deliver_all(config: Config, tls_context: ssl.SSLContext | None) -> flo
         return time.perf_counter() - started
     finally:
         await worker.stop()
+        await reader.close()
         await writer.close()
 
 

@@ -29,6 +29,7 @@ from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
 from .store import DatabaseRefused, StoreError, Writer
+from .store.reader import Reader
 
 # systemd's TimeoutStopSec is 60 s: leave time to close the parser and the database.
 STOP_GRACE_SECONDS = 50.0
@@ -54,12 +55,15 @@ class Gateway:
         # pass a FixedClock to move time.
         self.clock = clock or Clock()
         self.writer = Writer(config.database_path, config.storage.busy_timeout_ms)
+        # The readers' one read-only aiosqlite connection (the outbox worker's reads),
+        # opened once the writer has made or checked the database.
+        self.reader = Reader(config.database_path, config.storage.busy_timeout_ms)
         self.parser = ParserPool(parse_limits(config), workers=config.parser.workers)
         # dnsfunc: the DNS lookup of DKIM keys; tests pass a stub, production None.
         self.pipeline = Pipeline(config, self.parser, self.writer, self.clock, dnsfunc)
         # relay_tls_context: tests trust their own CA; production builds it from the config.
         self.outbox = OutboxWorker(
-            config, self.writer, clock=self.clock, tls_context=relay_tls_context
+            config, self.writer, self.reader, clock=self.clock, tls_context=relay_tls_context
         )
         self.pipeline.mail_queued = self.outbox.wake
         self._server: asyncio.Server | None = None
@@ -69,6 +73,7 @@ class Gateway:
     async def start(self) -> None:
         await self.writer.start()
         try:
+            await self.reader.open()
             await self.outbox.start()
             await self.parser.start()
             await self.pipeline.start()
@@ -78,6 +83,7 @@ class Gateway:
             )
         except BaseException:
             await self.outbox.stop()
+            await self.reader.close()
             await self.parser.close()
             await self.writer.close()
             raise
@@ -104,6 +110,7 @@ class Gateway:
             await stop_server(self._server, self._state, grace)
             self._server = None
         await outbox_stopped
+        await self.reader.close()
         await self.parser.close()
         await self.writer.close()
 

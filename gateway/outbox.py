@@ -1,9 +1,10 @@
 """[deliver] Committed outbox rows -> the relay over SMTP, or .eml files in a directory.
 
-The worker reads due rows through a read-only connection of its own, which sees committed
-rows only, delivers a few at a time, and records each outcome through the Writer: sent
-after the relay's 250 to DATA (or once the file is in place), retried with back-off after a
-temporary failure, failed after a 5xx or once retrying has gone on for too long. It must
+The worker reads due rows through the daemon's read-only aiosqlite connection (the store's
+`Reader`, opened by app.py), which sees committed rows only, delivers a few at a time, and
+records each outcome through the Writer: sent after the relay's 250 to DATA (or once the
+file is in place), retried with back-off after a temporary failure, failed after a 5xx or
+once retrying has gone on for too long. It must
 never send a row that is not committed, never send in plaintext when ``starttls`` is on,
 and never build a file path from anything but the row id and a sanitised Message-ID.
 """
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import aiosmtplib
 
@@ -36,10 +37,11 @@ from .mailbuild import build_planned
 from .render import Templates
 from .store import OutboxMail, Writer
 from .store.events import EventAction
+from .store.messages import fetch_mail_spec, fetch_raw
+from .store.outbox import due_mail
+from .store.reader import Reader
 
 log = logging.getLogger("gateway")
-
-T = TypeVar("T")
 
 # Rows delivered at the same time: each holds one relay connection (or one file write).
 CONCURRENCY = 4
@@ -291,12 +293,17 @@ def relay_error(exc: Exception) -> DeliveryError:
 
 
 class OutboxWorker:
-    """Delivers due outbox rows until stopped; `wake()` after a commit that queued mail."""
+    """Delivers due outbox rows until stopped; `wake()` after a commit that queued mail.
+
+    Reads go through `reader` (open before the first round, closed by its owner after
+    `stop()`); writes are units for `writer`.
+    """
 
     def __init__(
         self,
         config: Config,
         writer: Writer,
+        reader: Reader,
         *,
         clock: Clock,
         tls_context: ssl.SSLContext | None = None,
@@ -304,20 +311,18 @@ class OutboxWorker:
         self.config = config
         self.delivery = config.delivery
         self.writer = writer
+        self.reader = reader
         self.clock = clock
         self.templates = Templates(config.templates_path)
         self.tls_context = tls_context
         if tls_context is None and self.delivery.mode == "smtp" and self.delivery.starttls:
             self.tls_context = relay_tls_context(config)
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="gateway-outbox"
-        )
         # Building mail is pure Python, bound by the GIL: one thread builds for all the
         # delivery slots, rather than several threads taking the GIL from the event loop.
         self._builder = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gateway-build"
         )
-        self._reader: sqlite3.Connection | None = None
+        self._folder_ready = False
         self._round = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -327,7 +332,7 @@ class OutboxWorker:
         self._unrecorded: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
     async def start(self) -> None:
-        await self._open()
+        await self._prepare()
         self._task = asyncio.create_task(self._run(), name="gateway-outbox")
 
     def wake(self) -> None:
@@ -346,25 +351,22 @@ class OutboxWorker:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        async with self._round:  # a deliver_due() of a test or bench still running
-            if self._reader is not None:
-                reader, self._reader = self._reader, None
-                await asyncio.get_running_loop().run_in_executor(self._thread, reader.close)
-        self._thread.shutdown(wait=True)
+        # A deliver_due() of a test or bench may still be running: once stop() returns, no
+        # read is in flight, so the reader's owner may close it.
+        async with self._round:
+            pass
         self._builder.shutdown(wait=True)
 
     async def deliver_due(self) -> int:
         """One round: deliver the rows due now; returns how many were tried."""
         async with self._round:
-            await self._open()
+            await self._prepare()
             await self._record_pending()
-            due = await self._read(
-                partial(
-                    store.due_outbox,
-                    now=self.clock.stamp(),
-                    limit=ROUND_LIMIT,
-                    exclude=frozenset(self._unrecorded),
-                )
+            due = await due_mail(
+                self.reader.db,
+                now=self.clock.stamp(),
+                limit=ROUND_LIMIT,
+                exclude=frozenset(self._unrecorded),
             )
             if not due:
                 return 0
@@ -413,7 +415,7 @@ class OutboxWorker:
     async def _attempt(self, transport: Transport, mail: OutboxMail) -> DeliveryError | None:
         failure: DeliveryError | None = None
         try:
-            raw = await self._read(partial(store.read_raw, message=mail.message))
+            raw = await fetch_raw(self.reader.db, mail.message)
             if raw is None:
                 raw = await self._build(mail)
             await transport.send(mail, raw)
@@ -428,7 +430,7 @@ class OutboxWorker:
     async def _build(self, mail: OutboxMail) -> bytes:
         """Build a planned mail from its spec and keep the bytes before sending them, so
         that every later attempt (and the admin) sees exactly what was sent."""
-        spec = await self._read(partial(store.mail_spec, message=mail.message))
+        spec = await fetch_mail_spec(self.reader.db, mail.message)
         if spec is None:
             raise DeliveryError("the stored bytes of this mail are missing", permanent=True)
         try:
@@ -517,20 +519,9 @@ class OutboxWorker:
                 return
             del self._unrecorded[row_id]
 
-    async def _open(self) -> None:
-        if self._reader is not None:
+    async def _prepare(self) -> None:
+        if self._folder_ready:
             return
-        loop = asyncio.get_running_loop()
         if self.delivery.mode == "directory":
             await asyncio.to_thread(self.config.outbox_path.mkdir, parents=True, exist_ok=True)
-        self._reader = await loop.run_in_executor(
-            self._thread,
-            store.open_outbox_reader,
-            self.config.database_path,
-            self.config.storage.busy_timeout_ms,
-        )
-
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        reader = self._reader
-        assert reader is not None
-        return await asyncio.get_running_loop().run_in_executor(self._thread, query, reader)
+        self._folder_ready = True

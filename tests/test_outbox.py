@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -27,8 +29,10 @@ from gateway.clock import FixedClock
 from gateway.config import Config, load_config
 from gateway.outbox import MAX_BACKOFF_SECONDS, OutboxWorker, eml_name, next_attempt_at
 from gateway.store import Writer
+from gateway.store.outbox import due_mail
+from gateway.store.reader import Reader
 
-from .conftest import DaemonProcess, rows, wait_for, write_config
+from .conftest import DaemonProcess, rows, seed_senders, wait_for, write_config
 from .relay import Relay, RelayedMessage
 from .storehelpers import store_outgoing
 
@@ -109,8 +113,9 @@ def free_port() -> int:
 
 @pytest.fixture
 async def start_worker() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: a Writer and an OutboxWorker (not started: tests run rounds themselves)."""
-    made: list[tuple[Writer, OutboxWorker]] = []
+    """Factory: a Writer, a Reader and an OutboxWorker (not started: tests run rounds
+    themselves)."""
+    made: list[tuple[Writer, Reader, OutboxWorker]] = []
 
     async def factory(
         config: Config,
@@ -120,15 +125,18 @@ async def start_worker() -> AsyncIterator[Callable[..., Any]]:
     ) -> OutboxWorker:
         writer = Writer(config.database_path)
         await writer.start()
+        reader = Reader(config.database_path)
+        await reader.open()
         worker = OutboxWorker(
-            config, writer, clock=clock or FixedClock(T0), tls_context=tls_context
+            config, writer, reader, clock=clock or FixedClock(T0), tls_context=tls_context
         )
-        made.append((writer, worker))
+        made.append((writer, reader, worker))
         return worker
 
     yield factory
-    for writer, worker in made:
+    for writer, reader, worker in made:
         await worker.stop()
+        await reader.close()
         await writer.close()
 
 
@@ -252,6 +260,79 @@ async def test_the_gateway_starts_the_worker_and_wake_sends_at_once(
     gateway.outbox.wake()
     await wait_for(lambda: r.messages, timeout=10)
     await wait_for(lambda: rows(config, "SELECT 1 FROM outbox WHERE status = 'sent'"))
+
+
+async def test_the_daemons_readers_use_one_read_only_aiosqlite_connection(
+    make_config: Callable[..., Config],
+) -> None:
+    """Issue 10 item 4: the outbox worker reads through the Gateway's one read-only
+    aiosqlite connection (the store's busy_timeout, query_only), not a thread of its own,
+    and the connection is closed, its thread gone, once the Gateway has stopped."""
+    config = make_config(extra_storage="busy_timeout_ms = 1234")
+    seed_senders(config)
+    threads_before = set(threading.enumerate())
+    gateway = Gateway(config, clock=FixedClock(T0))
+    await gateway.start()
+    try:
+        db = gateway.reader.db
+        assert [tuple(r) for r in await db.execute_fetchall("PRAGMA busy_timeout")] == [(1234,)]
+        assert [tuple(r) for r in await db.execute_fetchall("PRAGMA query_only")] == [(1,)]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await db.execute_fetchall("DELETE FROM outbox")
+
+        row_id, raw = queue(config)  # committed by another process's connection
+        gateway.outbox.wake()
+        await wait_for(lambda: outbox_row(config, row_id)["status"] == "sent")
+        [written] = config.outbox_path.iterdir()
+        assert written.read_bytes() == raw
+        # The worker's reads went through that connection: no reader thread of its own.
+        own = [t.name for t in threading.enumerate() if t.name.startswith("gateway-outbox")]
+        assert own == []
+    finally:
+        await gateway.stop(grace=5)
+
+    with pytest.raises(ValueError):  # aiosqlite: "no active connection"
+        await db.execute_fetchall("SELECT 1")
+
+    def leftover() -> list[str]:
+        # The loop's default executor (to_thread) lives as long as the loop: not ours.
+        return [
+            t.name
+            for t in set(threading.enumerate()) - threads_before
+            if t.is_alive() and not t.name.startswith("asyncio_")
+        ]
+
+    await wait_for(lambda: not leftover(), timeout=5)
+
+
+async def test_due_mail_is_oldest_due_first_and_skips_the_unrecorded(
+    make_config: Callable[..., Config],
+) -> None:
+    """The worker's one read of due rows (store.outbox.due_mail on the aiosqlite reader):
+    oldest due first, never a row still due later, `exclude`d ids (outcomes the Writer
+    could not record yet) skipped without shrinking the round below `limit`."""
+    config = make_config()
+    old, _ = queue(config, message_id="<old@support.example.org>", created=T0)
+    later, _ = queue(config, message_id="<later@support.example.org>", created=T0 + timedelta(1))
+    newer, _ = queue(config, message_id="<newer@support.example.org>", created=T0 + timedelta(2))
+    future, _ = queue(config, message_id="<future@support.example.org>", created=T0 + timedelta(9))
+    reader = Reader(config.database_path)
+    await reader.open()
+    try:
+        now = iso(T0 + timedelta(3))
+        assert [m.id for m in await due_mail(reader.db, now=now, limit=10)] == [old, later, newer]
+        assert [m.id for m in await due_mail(reader.db, now=now, limit=2)] == [old, later]
+        skipped = await due_mail(reader.db, now=now, limit=2, exclude=frozenset({old}))
+        assert [m.id for m in skipped] == [later, newer]
+        [first] = await due_mail(reader.db, now=now, limit=1)
+        assert (first.message_id, first.rcpt_to, first.mail_from) == (
+            "<old@support.example.org>",
+            "alice@client.example.com",
+            "",
+        )
+        assert future not in [m.id for m in await due_mail(reader.db, now=now, limit=10)]
+    finally:
+        await reader.close()
 
 
 # --- smtp mode: temporary failures are retried, 5xx fails -------------------------------

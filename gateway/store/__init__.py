@@ -2,7 +2,9 @@
 
 - `connection`: opening the database, the start-up checks; `migrations`: the schema and
   the SQL functions it calls; `errors`: StoreError and SQLite's result codes; `writer`:
-  the group-commit Writer thread and the CLI's `write_transaction`.
+  the group-commit Writer thread and the CLI's `write_transaction`; `reader`: the daemon's
+  read-only aiosqlite connection, which the async read functions (`outbox.due_mail`,
+  `messages.fetch_raw`, ...) take.
 - The aggregates: `messages` (stored messages, attachments, duplicates, filing),
   `tickets` (tickets, participants, notes, TicketQueries, the reply-token secret),
   `senders` (senders and organisations, grants, blocks, look-alike search), `quarantine`,
@@ -39,7 +41,6 @@ from .messages import (
     insert_message,
     insert_planned_mail,
     list_messages,
-    mail_spec,
     outgoing_message,
     read_raw,
     set_filing,
@@ -57,7 +58,6 @@ from .outbox import (
     OutboxMail,
     count_admin_notices,
     count_automatic_mail,
-    due_outbox,
     find_outbox,
     is_undeliverable,
     list_outbox,
@@ -65,7 +65,6 @@ from .outbox import (
     mark_outbox_retry,
     mark_outbox_sent,
     mark_undeliverable,
-    open_outbox_reader,
     queue_mail,
     retry_outbox,
 )
@@ -147,7 +146,6 @@ __all__ = [  # noqa: RUF022
     "insert_message",
     "insert_planned_mail",
     "list_messages",
-    "mail_spec",
     "outgoing_message",
     "read_raw",
     "set_filing",
@@ -200,7 +198,6 @@ __all__ = [  # noqa: RUF022
     "OutboxMail",
     "count_admin_notices",
     "count_automatic_mail",
-    "due_outbox",
     "find_outbox",
     "is_undeliverable",
     "list_outbox",
@@ -208,7 +205,6 @@ __all__ = [  # noqa: RUF022
     "mark_outbox_retry",
     "mark_outbox_sent",
     "mark_undeliverable",
-    "open_outbox_reader",
     "queue_mail",
     "retry_outbox",
     # .events

@@ -9,6 +9,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
+
 from ..model import MessageKind, Via
 
 
@@ -269,9 +271,14 @@ def insert_planned_mail(
     return row_id
 
 
-def mail_spec(conn: sqlite3.Connection, message: int) -> str | None:
-    row = conn.execute("SELECT spec FROM mail_specs WHERE message = ?", (message,)).fetchone()
-    return None if row is None else str(row["spec"])
+_MAIL_SPEC_SQL = "SELECT spec FROM mail_specs WHERE message = ?"
+
+
+async def fetch_mail_spec(db: aiosqlite.Connection, message: int) -> str | None:
+    """The spec a planned mail is built from (the outbox worker's read)."""
+    for row in await db.execute_fetchall(_MAIL_SPEC_SQL, (message,)):
+        return str(row["spec"])
+    return None
 
 
 def store_built_mail(conn: sqlite3.Connection, message: int, raw: bytes, text: str) -> bytes:
@@ -288,9 +295,20 @@ def store_built_mail(conn: sqlite3.Connection, message: int, raw: bytes, text: s
     return raw
 
 
+# One query, two callers: the CLI and the writer's units (sync), the outbox worker (async).
+_READ_RAW_SQL = "SELECT raw FROM message_raw WHERE message = ?"
+
+
 def read_raw(conn: sqlite3.Connection, message: int) -> bytes | None:
-    row = conn.execute("SELECT raw FROM message_raw WHERE message = ?", (message,)).fetchone()
+    row = conn.execute(_READ_RAW_SQL, (message,)).fetchone()
     return None if row is None else bytes(row["raw"])
+
+
+async def fetch_raw(db: aiosqlite.Connection, message: int) -> bytes | None:
+    """`read_raw` on the daemon's aiosqlite reader."""
+    for row in await db.execute_fetchall(_READ_RAW_SQL, (message,)):
+        return bytes(row["raw"])
+    return None
 
 
 def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[dict[str, Any]]:

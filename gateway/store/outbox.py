@@ -1,9 +1,9 @@
 """The outbox (delivery worker and CLI), and the addresses we know mail cannot reach.
 
 Outgoing mail is planned as rows here, inside the transaction of the event that causes it
-(the transactional outbox). The delivery worker reads due rows through a read-only
-connection of its own (`open_outbox_reader`), which sees committed rows only, and records
-each attempt's outcome as a tiny unit for the Writer. One recipient per row; every
+(the transactional outbox). The delivery worker reads due rows (`due_mail`, async) through
+the daemon's read-only aiosqlite connection (`reader.Reader`), which sees committed rows
+only, and records each attempt's outcome as a tiny unit for the Writer. One recipient per row; every
 timestamp is an ISO 8601 UTC string, compared as a string.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+import aiosqlite
 
 
 def count_automatic_mail(conn: sqlite3.Connection, to: str, *, since: str) -> int:
@@ -94,27 +95,19 @@ def queue_mail(
     return cursor.lastrowid
 
 
-def open_outbox_reader(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """A read-only connection to an existing, migrated database (the worker's reads)."""
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    return conn
+# The due rows, oldest due first; `limit` counts the excluded ids too (dropped after).
+_DUE_MAIL_SQL = """
+    SELECT id, message, ticket, kind, mail_from, rcpt_to, message_id, attempts, created_at
+    FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?
+    ORDER BY next_attempt_at, id LIMIT ?
+"""
 
 
-def due_outbox(
-    conn: sqlite3.Connection, *, now: str, limit: int, exclude: frozenset[int] = frozenset()
+async def due_mail(
+    db: aiosqlite.Connection, *, now: str, limit: int, exclude: frozenset[int] = frozenset()
 ) -> list[OutboxMail]:
     """Queued rows whose next attempt is due, oldest due first, except the `exclude` ids."""
-    found = conn.execute(
-        """
-        SELECT id, message, ticket, kind, mail_from, rcpt_to, message_id, attempts, created_at
-        FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?
-        ORDER BY next_attempt_at, id LIMIT ?
-        """,
-        (now, limit + len(exclude)),
-    ).fetchall()
+    found = await db.execute_fetchall(_DUE_MAIL_SQL, (now, limit + len(exclude)))
     due = [
         OutboxMail(
             id=row["id"],
