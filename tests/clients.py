@@ -149,12 +149,15 @@ class RawClient:
         mail_options: Sequence[str] = (),
         timeout: float = 30,
         check: bool = True,
+        before_dot: Callable[[], object] | None = None,
     ) -> Delivery:
         """MAIL, RCPT for each recipient, DATA and the message on this (greeted) session.
 
         The transaction stops at the first refusal of MAIL or DATA, or when no recipient
         is accepted, and then the session is left as the server left it. With `check`,
-        any refusal raises `Refused`; without, the Delivery says what happened."""
+        any refusal raises `Refused`; without, the Delivery says what happened.
+        `before_dot` is called once the server has said 354, before the message goes out
+        (a load test counts what it sent); `timeout` bounds the wait after the dot."""
         options = list(mail_options)
         # RFC 6531 3.4: a non-ASCII address needs SMTPUTF8 on MAIL.
         if not (sender + "".join(recipients)).isascii() and "SMTPUTF8" not in options:
@@ -167,7 +170,9 @@ class RawClient:
             if accepted:
                 delivery.data = await self.command("DATA")
                 if delivery.data.code == 354:
-                    await self.send(_dot_stuffed(_as_bytes(message, sender, recipients)))
+                    if before_dot is not None:
+                        before_dot()
+                    await self.send(dot_stuffed(_as_bytes(message, sender, recipients)))
                     finals = await self._final_replies(accepted, timeout)
                     delivery.final.update(zip(accepted, finals, strict=True))
         if check and not delivery.accepted:
@@ -311,7 +316,7 @@ def _as_bytes(message: bytes | EmailMessage, sender: str, recipients: Sequence[s
     return message.as_bytes(policy=policy)
 
 
-def _dot_stuffed(message: bytes) -> bytes:
+def dot_stuffed(message: bytes) -> bytes:
     """The message as sent after 354: dot-stuffed (RFC 5321 4.5.2), ended by the final dot."""
     body = message.replace(b"\r\n.", b"\r\n..")
     if body.startswith(b"."):

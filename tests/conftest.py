@@ -32,10 +32,19 @@ from .clients import (
     RawClient,
     Refused,
     Reply,
+    dot_stuffed,
     send_message,
 )
 
-__all__ = ["HELO_NAME", "LmtpClient", "RawClient", "Refused", "Reply", "send_message"]
+__all__ = [
+    "HELO_NAME",
+    "LmtpClient",
+    "RawClient",
+    "Refused",
+    "Reply",
+    "dot_stuffed",
+    "send_message",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
