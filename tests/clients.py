@@ -79,7 +79,7 @@ class RawClient:
 
     async def reply(self, timeout: float = 10) -> Reply:
         """One complete (possibly multi-line) reply: (code, text of all lines)."""
-        lines = []
+        lines: list[str] = []
         while True:
             line = await asyncio.wait_for(self.reader.readline(), timeout)
             if not line:
