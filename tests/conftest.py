@@ -1,4 +1,5 @@
-"""Shared fixtures: a config in a tmp dir, the real gateway on an ephemeral port, clients.
+"""Shared fixtures: a config in a tmp dir, the real gateway on an ephemeral port, clients
+(tests/clients.py: the one SMTP/LMTP client and the one "send a message" helper).
 
 The gateway under test is built by `gateway.app.Gateway`, the same factory the daemon
 uses; nothing is mocked. Helpers wait for conditions with a deadline, never with sleeps.
@@ -24,6 +25,26 @@ import pytest
 from gateway import store
 from gateway.app import Gateway
 from gateway.config import Config, load_config
+
+from .clients import (
+    HELO_NAME,
+    LmtpClient,
+    RawClient,
+    Refused,
+    Reply,
+    dot_stuffed,
+    send_message,
+)
+
+__all__ = [
+    "HELO_NAME",
+    "LmtpClient",
+    "RawClient",
+    "Refused",
+    "Reply",
+    "dot_stuffed",
+    "send_message",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -177,96 +198,27 @@ def make_message(
     return text.encode()
 
 
-class RawClient:
-    """A byte-exact SMTP client for protocol tests: send lines, read whole replies."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
-        return cls(reader, writer)
-
-    async def reply(self, timeout: float = 10) -> tuple[int, str]:
-        """One complete (possibly multi-line) reply: (code, text of all lines)."""
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout)
-            if not line:
-                raise ConnectionError("connection closed: " + " | ".join(lines))
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            lines.append(text)
-            if len(text) < 4 or text[3] != "-":
-                return int(text[:3]), "\n".join(lines)
-
-    async def send(self, data: bytes | str) -> None:
-        self.writer.write(data.encode() if isinstance(data, str) else data)
-        await self.writer.drain()
-
-    async def command(self, line: str | bytes, timeout: float = 10) -> tuple[int, str]:
-        raw = line.encode() if isinstance(line, str) else line
-        await self.send(raw + b"\r\n")
-        return await self.reply(timeout)
-
-    async def closed(self, timeout: float = 10) -> bool:
-        """True once the server has closed the connection."""
-        try:
-            data = await asyncio.wait_for(self.reader.read(), timeout)
-        except (ConnectionError, TimeoutError):
-            return False
-        return data == b"" or self.reader.at_eof()
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
 @pytest.fixture
-async def raw_client() -> AsyncIterator[Callable[[int], Any]]:
+async def raw_client() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: a RawClient (an LmtpClient with lmtp=True) on a port, from loopback address
+    `source` if given, every reply shown to `on_reply`; all are closed at the end."""
     clients: list[RawClient] = []
 
-    async def factory(port: int) -> RawClient:
-        client = await RawClient.connect(port)
+    async def factory(
+        port: int,
+        source: str | None = None,
+        *,
+        lmtp: bool = False,
+        on_reply: Callable[[str], None] | None = None,
+    ) -> RawClient:
+        kind = LmtpClient if lmtp else RawClient
+        client = await kind.connect(port, source=source, on_reply=on_reply)
         clients.append(client)
         return client
 
     yield factory
     for client in clients:
         await client.close()
-
-
-async def send_raw_message(
-    client: RawClient,
-    message: bytes,
-    mail_from: str = "alice@client.example.com",
-    rcpts: tuple[str, ...] = ("support@example.org",),
-    greet: bool = True,
-) -> tuple[int, str]:
-    """A full transaction over a RawClient; returns the reply to the final dot."""
-    if greet:
-        code, _ = await client.reply()
-        assert code == 220
-        code, _ = await client.command("EHLO client.example.com")
-        assert code == 250
-    code, text = await client.command(f"MAIL FROM:<{mail_from}>")
-    assert code == 250, text
-    for rcpt in rcpts:
-        code, text = await client.command(f"RCPT TO:<{rcpt}>")
-        assert code == 250, text
-    code, text = await client.command("DATA")
-    assert code == 354, text
-    body = message.replace(b"\r\n.", b"\r\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    await client.send(body + b".\r\n")
-    return await client.reply(30)
 
 
 def run_cli(config: Config, *args: str, stdin: str | None = "") -> subprocess.CompletedProcess[str]:

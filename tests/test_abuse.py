@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import smtplib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,9 +27,10 @@ from gateway.server import ConnectionGate
 from .conftest import (
     DaemonProcess,
     RawClient,
+    dot_stuffed,
     make_message,
     rows,
-    send_raw_message,
+    send_message,
     stored_messages,
     wait_for,
 )
@@ -46,63 +46,28 @@ data_stall_timeout = 0.6
 """
 
 
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: a RawClient to the gateway from a given loopback source address."""
-    opened: list[RawClient] = []
-
-    async def factory(port: int, source: str = "127.0.0.1") -> RawClient:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 5
-        )
-        client = RawClient(reader, writer)
-        opened.append(client)
-        return client
-
-    yield factory
-    for client in opened:
-        await client.close()
-
-
-async def greet(client: RawClient) -> None:
-    code, text = await client.reply()
-    assert code == 220, text
-    code, text = await client.command("EHLO client.example.com")
-    assert code == 250, text
-
-
 async def enter_data(client: RawClient) -> None:
     """Greet, MAIL, RCPT, DATA: the client is then inside DATA (354 read)."""
-    await greet(client)
+    await client.greet()
     assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
     code, text = await client.command("DATA")
     assert code == 354, text
 
 
-async def replies_until_closed(client: RawClient, within: float) -> list[str]:
-    deadline = time.monotonic() + within
-    texts = []
-    while True:
-        try:
-            _, text = await client.reply(max(0.05, deadline - time.monotonic()))
-        except ConnectionError:
-            return texts
-        texts.append(text)
-
-
-async def legit_mail_latencies(port: int, clients: Callable[..., Any], count: int) -> list[float]:
+async def legit_mail_latencies(port: int, count: int) -> list[float]:
     """Send `count` messages from 127.0.0.2, one connection each; every one must get 250.
 
     Returns the time from connect to the reply to the final dot, per message."""
     latencies = []
     for i in range(count):
         started = time.monotonic()
-        client: RawClient = await clients(port, "127.0.0.2")
-        code, text = await send_raw_message(client, make_message(subject=f"legit {i}"))
+        sent = await send_message(
+            port, make_message(subject=f"legit {i}"), source="127.0.0.2", check=False
+        )
         latencies.append(time.monotonic() - started)
+        code, text = sent.reply
         assert code == 250, text
-        await client.command("QUIT")
     return latencies
 
 
@@ -173,18 +138,18 @@ def test_connection_cap_counts_an_ipv6_64_as_one_client() -> None:
 
 
 async def test_connection_flood_from_one_address_leaves_room_for_another(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(make_config(max_connections_per_ip=5))
-    held = [await clients(gateway.port) for _ in range(5)]
+    held = [await raw_client(gateway.port) for _ in range(5)]
     for client in held:
         assert (await client.reply())[0] == 220
     started = time.monotonic()
-    flood = await asyncio.gather(*(clients(gateway.port) for _ in range(50)))
+    flood = await asyncio.gather(*(raw_client(gateway.port) for _ in range(50)))
     answers = await asyncio.gather(*(client.reply() for client in flood))
     assert all(text.startswith("421 4.7.0") for _, text in answers), answers[:3]
     assert time.monotonic() - started < 1
-    latencies = await legit_mail_latencies(gateway.port, clients, 1)
+    latencies = await legit_mail_latencies(gateway.port, 1)
     assert latencies[0] < 5
 
 
@@ -192,14 +157,14 @@ async def test_connection_flood_from_one_address_leaves_room_for_another(
 
 
 async def test_trickle_in_data_is_closed_with_421_and_frees_the_slot(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(extra_smtp=FAST_LIMITS + "data_slots = 1\ndata_slot_wait = 5")
     gateway: Gateway = await start_gateway(config)
-    trickler: RawClient = await clients(gateway.port)
+    trickler: RawClient = await raw_client(gateway.port)
     await enter_data(trickler)
     started = time.monotonic()
-    closing = asyncio.create_task(replies_until_closed(trickler, 5))
+    closing = asyncio.create_task(trickler.replies_until_closed(5))
     for byte in make_message():  # 10 bytes/s, far under min_data_rate
         if closing.done():
             break
@@ -208,41 +173,43 @@ async def test_trickle_in_data_is_closed_with_421_and_frees_the_slot(
         except (ConnectionError, OSError):
             break
         await asyncio.sleep(0.1)  # the trickle itself, not a wait for the server
-    texts = await closing
+    texts = [r.text for r in await closing]
     assert [t[:9] for t in texts] == ["421 4.4.2"], texts
     assert time.monotonic() - started < 2.5
     # The only DATA slot is free again: another client's message goes through at once.
-    other: RawClient = await clients(gateway.port, "127.0.0.2")
-    code, text = await send_raw_message(other, make_message(subject="after the trickle"))
+    sent = await send_message(
+        gateway, make_message(subject="after the trickle"), source="127.0.0.2", check=False
+    )
+    code, text = sent.reply
     assert code == 250, text
     assert [m["subject"] for m in stored_messages(config)] == ["after the trickle"]
 
 
 async def test_silence_in_data_is_closed_after_the_stall_timeout(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(
         extra_smtp=FAST_LIMITS.replace("min_data_rate = 1000", "min_data_rate = 1")
     )
     gateway: Gateway = await start_gateway(config)
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     await enter_data(client)
     head = make_message().split(b"\r\n\r\n")[0]
     await client.send(head)
     started = time.monotonic()
-    texts = await replies_until_closed(client, 5)
+    texts = [r.text for r in await client.replies_until_closed(5)]
     assert [t[:9] for t in texts] == ["421 4.4.2"], texts
     assert 0.5 < time.monotonic() - started < 2
     assert stored_messages(config) == []
 
 
 async def test_fast_message_is_not_cut_by_the_rate_rule(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     # A message whose sender pauses briefly (under the stall timeout) but sends fast overall.
     config = make_config(extra_smtp=FAST_LIMITS)
     gateway: Gateway = await start_gateway(config)
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     await enter_data(client)
     message = make_message(body="line\r\n" * 2000)
     await client.send(message[:100])
@@ -253,7 +220,7 @@ async def test_fast_message_is_not_cut_by_the_rate_rule(
 
 
 async def test_trickling_connections_from_one_address_do_not_block_another(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     # RELIABILITY 57, scaled: one address holds many connections in DATA and trickles;
     # with DATA slots shared per address and the rate rule, another address's mail flows.
@@ -261,9 +228,9 @@ async def test_trickling_connections_from_one_address_do_not_block_another(
         extra_smtp=FAST_LIMITS + "data_slots = 4\ndata_slots_per_ip = 2\ndata_slot_wait = 3"
     )
     gateway: Gateway = await start_gateway(config)
-    abusers = [await clients(gateway.port) for _ in range(8)]
+    abusers = [await raw_client(gateway.port) for _ in range(8)]
     for abuser in abusers:
-        await greet(abuser)
+        await abuser.greet()
         assert (await abuser.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
         assert (await abuser.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
         await abuser.send(b"DATA\r\n")  # all eight ask for a slot at once
@@ -278,7 +245,7 @@ async def test_trickling_connections_from_one_address_do_not_block_another(
 
     tricklers = [asyncio.create_task(trickle(a)) for a in abusers]
     try:
-        latencies = await legit_mail_latencies(gateway.port, clients, 8)
+        latencies = await legit_mail_latencies(gateway.port, 8)
     finally:
         for task in tricklers:
             task.cancel()
@@ -288,20 +255,20 @@ async def test_trickling_connections_from_one_address_do_not_block_another(
 
 
 async def test_data_slots_are_shared_per_client_address(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(extra_smtp="data_slots = 3\ndata_slots_per_ip = 1\ndata_slot_wait = 1")
     gateway: Gateway = await start_gateway(config)
-    first: RawClient = await clients(gateway.port)
+    first: RawClient = await raw_client(gateway.port)
     await enter_data(first)  # holds this address's only slot
-    second: RawClient = await clients(gateway.port)
-    await greet(second)
+    second: RawClient = await raw_client(gateway.port)
+    await second.greet()
     assert (await second.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     assert (await second.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
     code, text = await second.command("DATA")
     assert text.startswith("451 4.3.2"), text
     # Another address still gets a slot at once.
-    other: RawClient = await clients(gateway.port, "127.0.0.2")
+    other: RawClient = await raw_client(gateway.port, "127.0.0.2")
     started = time.monotonic()
     await enter_data(other)
     assert time.monotonic() - started < 0.5
@@ -322,26 +289,26 @@ async def test_data_slots_are_shared_per_client_address(
 async def test_junk_lines_exhaust_the_error_budget(
     make_config: Callable[..., Config],
     start_gateway: Any,
-    clients: Callable[..., Any],
+    raw_client: Callable[..., Any],
     line: bytes,
 ) -> None:
     gateway: Gateway = await start_gateway(make_config(extra_smtp="max_errors_per_session = 10"))
-    client: RawClient = await clients(gateway.port)
-    await greet(client)
+    client: RawClient = await raw_client(gateway.port)
+    await client.greet()
     await client.send((line + b"\r\n") * 1000)
-    texts = await replies_until_closed(client, 5)
+    texts = [r.text for r in await client.replies_until_closed(5)]
     assert len(texts) == 11, texts
     assert all(re.match(r"500 5\.5\.2 ", t) for t in texts[:10]), texts
     assert texts[-1].startswith("421 4.7.0"), texts
 
 
 async def test_452_past_max_recipients_counts_against_the_error_budget(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(max_recipients=2, extra_smtp="max_errors_per_session = 5")
     gateway: Gateway = await start_gateway(config)
-    client: RawClient = await clients(gateway.port)
-    await greet(client)
+    client: RawClient = await raw_client(gateway.port)
+    await client.greet()
     assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     codes = []
     for _ in range(20):
@@ -356,11 +323,11 @@ async def test_452_past_max_recipients_counts_against_the_error_budget(
 
 
 async def test_total_commands_per_session_are_capped(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(make_config(extra_smtp="max_commands_per_session = 30"))
-    client: RawClient = await clients(gateway.port)
-    await greet(client)
+    client: RawClient = await raw_client(gateway.port)
+    await client.greet()
     # Valid commands under every per-verb budget: only the total cap stops them.
     lines = ["RSET", "NOOP", "HELP"] * 5 + ["RSET"] * 40
     codes = []
@@ -376,12 +343,12 @@ async def test_total_commands_per_session_are_capped(
 
 
 async def test_slow_valid_commands_end_at_the_session_lifetime(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(make_config(extra_smtp="max_session_time = 1"))
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     started = time.monotonic()
-    await greet(client)
+    await client.greet()
     last = ""
     while time.monotonic() - started < 5:
         try:
@@ -392,9 +359,9 @@ async def test_slow_valid_commands_end_at_the_session_lifetime(
     assert last.startswith("421 4.4.2"), last
     assert 0.9 < time.monotonic() - started < 2
     # An idle one is closed by the timer, without sending anything.
-    idle: RawClient = await clients(gateway.port)
+    idle: RawClient = await raw_client(gateway.port)
     started = time.monotonic()
-    await greet(idle)
+    await idle.greet()
     code, text = await idle.reply(5)
     assert text.startswith("421 4.4.2"), text
     assert await idle.closed()
@@ -402,7 +369,7 @@ async def test_slow_valid_commands_end_at_the_session_lifetime(
 
 
 async def test_junk_and_slow_clients_leave_another_address_served(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     # RELIABILITY 57, scaled: an empty-line flood, 8-bit lines and slow valid commands from
     # one address; another address's mail still gets 250 within 2 s p99.
@@ -412,20 +379,20 @@ async def test_junk_and_slow_clients_leave_another_address_served(
 
     async def flood(junk: bytes) -> None:
         while not stop.is_set():
-            client: RawClient = await clients(gateway.port)
+            client: RawClient = await raw_client(gateway.port)
             try:
                 await client.reply()
                 await client.send(junk * 2000)
-                await replies_until_closed(client, 3)
+                await client.replies_until_closed(3)
             except (ConnectionError, OSError, TimeoutError):
                 pass
             await client.close()
 
     async def slow() -> None:
         while not stop.is_set():
-            client: RawClient = await clients(gateway.port)
+            client: RawClient = await raw_client(gateway.port)
             try:
-                await greet(client)
+                await client.greet()
                 while not stop.is_set():
                     await client.command("RSET")
                     await asyncio.sleep(0.2)  # slow but valid, by design
@@ -441,7 +408,7 @@ async def test_junk_and_slow_clients_leave_another_address_served(
         asyncio.create_task(slow()),
     ]
     try:
-        latencies = await legit_mail_latencies(gateway.port, clients, 10)
+        latencies = await legit_mail_latencies(gateway.port, 10)
     finally:
         stop.set()
         await asyncio.gather(*abusers, return_exceptions=True)
@@ -453,26 +420,26 @@ async def test_junk_and_slow_clients_leave_another_address_served(
 
 @pytest.mark.parametrize("verb", ["EHLO", "HELO"])
 async def test_8bit_helo_is_refused_not_a_451_for_every_message(
-    config: Config, gateway: Gateway, clients: Callable[..., Any], verb: str
+    config: Config, gateway: Gateway, raw_client: Callable[..., Any], verb: str
 ) -> None:
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     assert (await client.reply())[0] == 220
     # A CP1252 Windows host name: 0xE9 is "é", not valid UTF-8.
     code, text = await client.command(f"{verb} caf".encode() + b"\xe9-pc.client.example.com")
     assert text.startswith("501 5.5.2"), text
     code, text = await client.command(f"{verb} cafe-pc.client.example.com")
     assert code == 250, text
-    code, text = await send_raw_message(client, make_message(), greet=False)
+    code, text = (await client.transaction(make_message(), check=False)).reply
     assert text.startswith("250 2.0.0"), text
     [stored] = stored_messages(config)
     assert stored["helo"] == "cafe-pc.client.example.com"
 
 
 async def test_8bit_mail_from_is_refused_permanently(
-    config: Config, gateway: Gateway, clients: Callable[..., Any]
+    config: Config, gateway: Gateway, raw_client: Callable[..., Any]
 ) -> None:
-    client: RawClient = await clients(gateway.port)
-    await greet(client)
+    client: RawClient = await raw_client(gateway.port)
+    await client.greet()
     for params in (b"", b" SMTPUTF8"):
         code, text = await client.command(b"MAIL FROM:<j\xf6se@client.example.com>" + params)
         assert code in (501, 553), text  # never a 4xx for a permanent fault
@@ -540,14 +507,14 @@ _WALK = [
 
 
 async def test_every_stock_reply_carries_an_enhanced_status_code(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(
         make_config(
             extra_smtp="max_errors_per_session = 100\ncommand_limits = { '*' = 100, VRFY = 5 }"
         )
     )
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     code, greeting = await client.reply()
     assert code == 220
     seen = []
@@ -563,18 +530,18 @@ async def test_every_stock_reply_carries_an_enhanced_status_code(
     assert seen[-1].startswith("221 2.0.0"), seen[-1]
     # And the DATA stage: line too long, too much data, refused content.
     small = await start_gateway(make_config(max_message_size=1000))
-    client = await clients(small.port)
-    await greet(client)
+    client = await raw_client(small.port)
+    await client.greet()
     for message in (make_message(body="y" * 1500 + "\r\n"), make_message(body="z\r\n" * 600)):
-        code, text = await send_raw_message(client, message, greet=False)
+        code, text = (await client.transaction(message, check=False)).reply
         assert code >= 500 and _ENHANCED.match(text), text
 
 
 async def test_lmtp_lhlo_answer_keeps_its_form_and_refuses_8bit(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     gateway: Gateway = await start_gateway(make_config(protocol="lmtp"))
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     assert (await client.reply())[0] == 220
     code, text = await client.command(b"LHLO caf\xe9.client.example.com")
     assert text.startswith("501 5.5.2"), text
@@ -621,7 +588,7 @@ def nested_mime(depth: int) -> bytes:
 
 
 async def test_large_message_of_tiny_lines_does_not_stall_the_event_loop(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(max_message_size=10 * 1024 * 1024)
     gateway: Gateway = await start_gateway(config)
@@ -631,11 +598,9 @@ async def test_large_message_of_tiny_lines_does_not_stall_the_event_loop(
         nested_mime(2000),
         make_message(body=".\r\n..\r\n" * 100_000),  # dot-stuffing, many lines
     ]
-    senders = [await clients(gateway.port) for _ in storm]
     with LoopLag() as lag:
-        results = await asyncio.gather(
-            *(send_raw_message(c, m) for c, m in zip(senders, storm, strict=True))
-        )
+        sent = await asyncio.gather(*(send_message(gateway, m, check=False) for m in storm))
+    results = [s.reply for s in sent]
     assert all(code == 250 for code, _ in results), results
     assert lag.worst < 0.1, f"event loop stalled {lag.worst * 1000:.0f} ms"
     # The content arrived byte for byte (dot-unstuffed by the chunked reader).
@@ -651,7 +616,7 @@ async def test_large_message_of_tiny_lines_does_not_stall_the_event_loop(
 
 
 async def test_slow_handler_answers_451_before_the_client_timeout(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     config = make_config(timeout=2, extra="\n[policy]\nverify_dkim = true\ndns_timeout = 10\n")
     release = threading.Event()
@@ -668,17 +633,15 @@ async def test_slow_handler_answers_451_before_the_client_timeout(
         " h=from:to:subject; bh=AAAA; b=AAAA\r\n"
     )
     message = make_message(headers=signature, message_id="<slow-dns@client.example.com>")
-    client: RawClient = await clients(gateway.port)
     started = time.monotonic()
-    code, text = await send_raw_message(client, message)
+    code, text = (await send_message(gateway, message, check=False)).reply
     elapsed = time.monotonic() - started
     assert text.startswith("451 4.3.0"), text
     assert elapsed < 2.5, elapsed  # inside the 2 s window the handler got after the dot
     await wait_for(lambda: lookups)
     release.set()
     # The retry (DNS answers now) is accepted; the message is stored once.
-    retry: RawClient = await clients(gateway.port)
-    code, text = await send_raw_message(retry, message)
+    code, text = (await send_message(gateway, message, check=False)).reply
     assert text.startswith("250 2.0.0"), text
     assert len(stored_messages(config)) == 1
 
@@ -745,7 +708,7 @@ class FdPeak:
 
 
 async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
-    daemon: Callable[..., DaemonProcess], clients: Callable[..., Any]
+    daemon: Callable[..., DaemonProcess], raw_client: Callable[..., Any]
 ) -> None:
     # RELIABILITY 56, scaled: a flood of five times the cap (200 connections from 200
     # loopback addresses in 127.0.0.0/8) against the real daemon process, with
@@ -757,7 +720,7 @@ async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
     pid = process.proc.pid
     # One message first, so what the daemon opens lazily (parser pipes, readers) is open.
     config = load_config(process.config_path)
-    latencies = await legit_mail_latencies(process.port, clients, 1)
+    latencies = await legit_mail_latencies(process.port, 1)
     # At rest: no connection, and the acknowledgement written to the outbox folder (the
     # outbox holds a file and the folder open while it writes).
     await wait_for(lambda: _fds(pid, process.port)[0] == 0 and outbox_settled(config))
@@ -769,7 +732,7 @@ async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
         started = time.monotonic()
         with FdPeak(pid) as fds:
             flood = await asyncio.gather(
-                *(clients(process.port, f"127.0.1.{n + 1}") for n in range(attempts))
+                *(raw_client(process.port, f"127.0.1.{n + 1}") for n in range(attempts))
             )
             opened.extend(flood)
             answers = await asyncio.gather(*(client.reply(5) for client in flood))
@@ -789,7 +752,7 @@ async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
         # more than one descriptor per connection: nothing per session leaks or piles up.
         assert fds.samples > 0 and fds.peak <= others + attempts + 1, fds.peak
         # While the cap is full a newcomer is refused too (no fd is kept for it).
-        late = await clients(process.port, "127.0.2.1")
+        late = await raw_client(process.port, "127.0.2.1")
         opened.append(late)
         assert (await late.reply(5))[1].startswith("421 4.7.0")
     finally:
@@ -797,7 +760,7 @@ async def test_global_connection_cap_holds_under_a_flood_from_many_addresses(
             await client.close()
     # Every descriptor comes back, and a legitimate client is served at once.
     await wait_for(lambda: _fds(pid, process.port) == (0, others), timeout=5)
-    latencies = await legit_mail_latencies(process.port, clients, 1)
+    latencies = await legit_mail_latencies(process.port, 1)
     assert latencies[0] < 2, latencies
     await wait_for(lambda: outbox_settled(config) and _fds(pid, process.port) == (0, others))
     assert _fd_count(pid) == others
@@ -838,7 +801,7 @@ class SlotPeak:
 
 
 async def test_more_large_messages_than_data_slots_wait_get_451_and_succeed_on_retry(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     # RELIABILITY 58, scaled: 12 concurrent 1 MiB messages from 12 addresses, 4 DATA slots.
     slots, senders = 4, 12
@@ -852,10 +815,10 @@ async def test_more_large_messages_than_data_slots_wait_get_451_and_succeed_on_r
     ]  # 1 MiB and a little more each
     assert all(len(m) > 1024 * 1024 for m in messages)
     conns: list[RawClient] = [
-        await clients(gateway.port, f"127.0.3.{i + 1}") for i in range(senders)
+        await raw_client(gateway.port, f"127.0.3.{i + 1}") for i in range(senders)
     ]
     for client in conns:
-        await greet(client)
+        await client.greet()
         assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
         assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
     with SlotPeak(gateway) as peak:
@@ -881,7 +844,7 @@ async def test_more_large_messages_than_data_slots_wait_get_451_and_succeed_on_r
             while True:
                 code, text = await client.command("DATA")
                 if code == 354:
-                    await client.send(send_body(messages[i]))
+                    await client.send(dot_stuffed(messages[i]))
                     return (await client.reply(30))[1]
                 assert text.startswith("451 4.3.2"), text
                 assert time.monotonic() < deadline, "no DATA slot within 10 s"
@@ -902,12 +865,6 @@ async def test_more_large_messages_than_data_slots_wait_get_451_and_succeed_on_r
     assert sorted(bytes(r["raw"]) for r in raws) == sorted(messages)
 
 
-def send_body(message: bytes) -> bytes:
-    """The message as sent after 354: dot-stuffed, ended by the final dot."""
-    body = message.replace(b"\r\n.", b"\r\n..")
-    return body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n"
-
-
 # --- 50a, second branch: committed, but the answer comes too late --------------------------
 
 
@@ -922,18 +879,6 @@ def filed_once(config: Config, message_id: str) -> None:
     assert [r["number"] for r in rows(config, "SELECT number FROM tickets")] == [first["ticket"]]
     acks = rows(config, "SELECT ticket FROM outbox WHERE kind = 'acknowledgement'")
     assert [r["ticket"] for r in acks] == [first["ticket"]]
-
-
-def smtplib_send(port: int, message: bytes, reply_timeout: float) -> tuple[int, bytes]:
-    """A real SMTP client (smtplib, in a thread) that waits `reply_timeout` seconds for
-    the answer to the final dot, as an MTA's DATA-termination timer does."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
-        smtp.ehlo("client.example.com")
-        smtp.mail(SENDER)
-        smtp.rcpt(MAILBOX)
-        assert smtp.sock is not None
-        smtp.sock.settimeout(reply_timeout)
-        return smtp.data(message)
 
 
 async def test_answer_stalled_after_the_commit_gives_a_duplicate_not_a_loss(
@@ -957,9 +902,11 @@ async def test_answer_stalled_after_the_commit_gives_a_duplicate_not_a_loss(
     message = make_message(message_id="<stalled-ack@client.example.com>")
 
     def first_attempt() -> None:
+        # The client runs its own event loop in a thread: the test stalls the gateway's.
+        # It waits 0.5 s for the answer to the final dot, as an MTA's DATA timer does.
         try:
-            smtplib_send(gateway.port, message, reply_timeout=0.5)
-        except (smtplib.SMTPServerDisconnected, OSError):
+            asyncio.run(send_message(gateway.port, message, timeout=0.5))
+        except (ConnectionError, OSError):
             return  # timed out waiting for the reply to the final dot
         finally:
             client_gave_up.set()
@@ -968,13 +915,13 @@ async def test_answer_stalled_after_the_commit_gives_a_duplicate_not_a_loss(
     await asyncio.to_thread(first_attempt)
     assert stalls == [1]
     # The retry, as the MTA sends it from its queue: the same bytes.
-    code, text = await asyncio.to_thread(smtplib_send, gateway.port, message, 10)
-    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as"), (code, text)
+    code, text = (await send_message(gateway, message, check=False)).after_dot
+    assert code == 250 and text.startswith("250 2.0.0 Ok: queued as"), (code, text)
     filed_once(config, "<stalled-ack@client.example.com>")
 
 
 async def test_handler_timing_out_after_the_commit_gives_a_duplicate_not_a_loss(
-    make_config: Callable[..., Config], start_gateway: Any, clients: Callable[..., Any]
+    make_config: Callable[..., Config], start_gateway: Any, raw_client: Callable[..., Any]
 ) -> None:
     # RELIABILITY 50a: the commit is done, then what follows it (here the real pipeline
     # wrapped in a stand-in that holds its result) outlasts the handler's budget. The
@@ -994,14 +941,15 @@ async def test_handler_timing_out_after_the_commit_gives_a_duplicate_not_a_loss(
 
     gateway.pipeline.receive = slow_after_commit  # type: ignore[method-assign]
     message = make_message(message_id="<late-ack@client.example.com>")
-    client: RawClient = await clients(gateway.port)
+    client: RawClient = await raw_client(gateway.port)
     started = time.monotonic()
-    code, text = await send_raw_message(client, message)
+    await client.greet()
+    code, text = (await client.transaction(message, check=False)).reply
     elapsed = time.monotonic() - started
     assert [r.status for r in held] == [IntakeStatus.ACCEPTED]  # it was committed
     assert text.startswith("451 4.3.0"), text  # never a 250 we could not stand behind late
     assert elapsed < 2.5, elapsed  # inside the client's (and aiosmtpd's) 2 s window
     # The client retries on the same session (RFC 5321 4.2.5: a 4xx after the dot).
-    code, text = await send_raw_message(client, message, greet=False)
+    code, text = (await client.transaction(message, check=False)).reply
     assert text.startswith("250 2.0.0"), text
     filed_once(config, "<late-ack@client.example.com>")

@@ -14,7 +14,7 @@ from gateway.clock import Clock, FixedClock, iso
 from gateway.config import Config
 from gateway.scheduler import run_jobs
 
-from .conftest import RawClient, make_message, rows, send_raw_message, wait_for
+from .conftest import make_message, rows, send_message, wait_for
 
 # Far from today, so that a stamp taken from the system clock could not pass for it.
 T0 = datetime(2031, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
@@ -47,11 +47,7 @@ async def test_intake_stamps_every_row_with_the_gateway_clock(
     clock = FixedClock(T0)
     gateway: Gateway = await start_gateway(config, clock=clock)
     assert gateway.clock is clock
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, text = await send_raw_message(client, make_message())
-    finally:
-        await client.close()
+    code, text = (await send_message(gateway, make_message())).reply
     assert code == 250, text
     [message] = rows(config, "SELECT received_at FROM messages WHERE direction = 'in'")
     assert message["received_at"] == STAMP
@@ -67,15 +63,8 @@ async def test_scheduler_expires_held_mail_as_of_its_clock(
 ) -> None:
     clock = FixedClock(T0)
     gateway: Gateway = await start_gateway(config, clock=clock)
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, text = await send_raw_message(
-            client,
-            make_message(sender="mallory@unknown.example.net"),
-            mail_from="mallory@unknown.example.net",
-        )
-    finally:
-        await client.close()
+    mallory = "mallory@unknown.example.net"
+    code, text = (await send_message(gateway, make_message(sender=mallory), mallory)).reply
     assert code == 250, text
     held = "SELECT status FROM quarantine"
     assert [r["status"] for r in rows(config, held)] == ["held"]

@@ -31,7 +31,15 @@ import pytest
 
 from gateway.config import Config, load_config
 
-from .conftest import ROOT, DaemonProcess, RawClient, make_message, wait_for, write_config
+from .conftest import (
+    ROOT,
+    DaemonProcess,
+    RawClient,
+    make_message,
+    send_message,
+    wait_for,
+    write_config,
+)
 
 SENDERS = 20
 KILL_ROUNDS = 5
@@ -61,18 +69,18 @@ class Load:
 
     async def transaction(self, client: RawClient, message_id: str) -> bool:
         """One message; False once the server will not go on (a 421, or any refusal)."""
-        for line, expected in ((MAIL_FROM, 250), (RCPT_TO, 250), ("DATA", 354)):
-            code, _ = await client.command(line)
-            if code != expected:
-                return False
         message = make_message(subject=f"Load {message_id}", message_id=message_id)
-        self.sent.add(message_id)
-        await client.send(message + b".\r\n")
         try:
-            code, _ = await client.reply(30)
+            delivery = await client.transaction(
+                message, check=False, before_dot=lambda: self.sent.add(message_id)
+            )
         except (OSError, EOFError, TimeoutError):
-            self.unanswered.add(message_id)
+            if message_id in self.sent:
+                self.unanswered.add(message_id)
             raise
+        if not delivery.final:
+            return False
+        code = delivery.after_dot.code
         self.finals[code] += 1
         if code == 250:
             self.acked.add(message_id)
@@ -105,28 +113,6 @@ class Load:
                 return  # the connection died under us: what was not answered 250 is not ours
             finally:
                 await client.close()
-
-
-async def send_one(port: int, message_id: str, body: str | None = None) -> tuple[int, str]:
-    client = await RawClient.connect(port)
-    try:
-        assert (await client.reply())[0] == 220
-        assert (await client.command("EHLO client.example.com"))[0] == 250
-        return await send_on(client, message_id, body)
-    finally:
-        await client.close()
-
-
-async def send_on(client: RawClient, message_id: str, body: str | None = None) -> tuple[int, str]:
-    """A full transaction on an open session; the reply to MAIL if refused, else to the dot."""
-    code, text = await client.command(MAIL_FROM)
-    if code != 250:
-        return code, text
-    assert (await client.command(RCPT_TO))[0] == 250
-    assert (await client.command("DATA"))[0] == 354
-    extra = {} if body is None else {"body": body}
-    await client.send(make_message(message_id=message_id, **extra) + b".\r\n")
-    return await client.reply(30)
 
 
 async def is_refused(port: int) -> bool:
@@ -220,7 +206,9 @@ async def test_kill_9_under_load_loses_no_acknowledged_message(daemon: Daemon, r
 
     # The restarted daemon takes new mail on the same database...
     after = f"<after-kill{round_}@client.example.com>"
-    code, text = await send_one(process.port, after)
+    code, text = (
+        await send_message(process.port, make_message(message_id=after), check=False)
+    ).reply
     assert text.startswith("250 2.0.0"), text
 
     # ...and every message acknowledged before the kill is there, once.
@@ -314,7 +302,9 @@ async def test_250_is_sent_only_after_the_commit(daemon: Daemon) -> None:
                 assert (await client.command("EHLO client.example.com"))[0] == 250
                 for n in range(10):
                     message_id = f"<order.{index}.{n}@client.example.com>"
-                    code, text = await send_on(client, message_id)
+                    code, text = (
+                        await client.transaction(make_message(message_id=message_id), check=False)
+                    ).reply
                     assert text.startswith("250 2.0.0"), text
                     # No await between the 250 and this read: the commit must already be
                     # visible to another connection (another process would see the same).
@@ -469,7 +459,12 @@ async def test_wal_is_synced_before_the_250_under_strace(tmp_path: Path) -> None
                 assert (await client.reply())[0] == 220
                 assert (await client.command("EHLO client.example.com"))[0] == 250
                 for n in range(3):
-                    code, text = await send_on(client, f"<strace.{index}.{n}@client.example.com>")
+                    code, text = (
+                        await client.transaction(
+                            make_message(message_id=f"<strace.{index}.{n}@client.example.com>"),
+                            check=False,
+                        )
+                    ).reply
                     assert text.startswith("250 2.0.0 Ok: queued as "), text
                     queue_ids.append(text.split()[-1])
             finally:
@@ -493,7 +488,11 @@ async def test_below_free_space_floor_mail_from_is_452(
     floor = stats.f_bavail * stats.f_frsize + (1 << 30)  # more than the disk has free
     config = make_config(extra_storage=f"min_free_space = {floor}")
     gateway = await start_gateway(config)
-    code, text = await send_one(gateway.port, "<floor@client.example.com>")
+    code, text = (
+        await send_message(
+            gateway.port, make_message(message_id="<floor@client.example.com>"), check=False
+        )
+    ).reply
     assert text.startswith("452 4.3.1"), text
     assert message_ids(config.database_path) == []
 
@@ -547,23 +546,39 @@ async def test_full_disk_is_452_and_recovers_without_restart(tmp_path: Path) -> 
         try:
             assert (await client.reply())[0] == 220
             assert (await client.command("EHLO client.example.com"))[0] == 250
-            code, text = await send_on(client, "<before@client.example.com>")
+            code, text = (
+                await client.transaction(
+                    make_message(message_id="<before@client.example.com>"), check=False
+                )
+            ).reply
             assert text.startswith("250 2.0.0"), text
 
             # Full: refused at MAIL FROM, before the client sends a byte of the message.
             ballast = inside / "ballast"
             size = fill(ballast)
-            code, text = await send_on(client, "<refused@client.example.com>")
+            code, text = (
+                await client.transaction(
+                    make_message(message_id="<refused@client.example.com>"), check=False
+                )
+            ).reply
             assert text.startswith("452 4.3.1"), text
 
             # Just above the floor, but a message that does not fit: SQLITE_FULL mid-commit.
             os.truncate(ballast, size - floor - 16 * 1024)
-            code, text = await send_on(client, "<big@client.example.com>", big_body)
+            code, text = (
+                await client.transaction(
+                    make_message(message_id="<big@client.example.com>", body=big_body), check=False
+                )
+            ).reply
             assert text.startswith("452 4.3.1"), text
 
             # Space comes back: the same daemon, even the same session, takes mail again.
             ballast.unlink()
-            code, text = await send_on(client, "<big@client.example.com>", big_body)
+            code, text = (
+                await client.transaction(
+                    make_message(message_id="<big@client.example.com>", body=big_body), check=False
+                )
+            ).reply
             assert text.startswith("250 2.0.0"), text
         finally:
             await client.close()
@@ -615,7 +630,9 @@ async def test_a_failed_sync_is_never_acknowledged(tmp_path: Path) -> None:
     replies: dict[str, str] = {}
 
     async def send(port: int, message_id: str) -> str:
-        replies[message_id] = (await send_one(port, message_id))[1]
+        replies[message_id] = (
+            await send_message(port, make_message(message_id=message_id), check=False)
+        ).text
         return replies[message_id]
 
     wrapper = ["env", "GATEWAY_TEST_HOOKS=1"]
@@ -684,7 +701,7 @@ async def test_eio_from_fdatasync_is_never_acknowledged_under_strace(tmp_path: P
     with wrapped_daemon(wrapper, config_path, tmp_path / "gateway.log") as (_, port, _):
         for n in range(12):
             message_id = f"<eio.{n}@client.example.com>"
-            text = (await send_one(port, message_id))[1]
+            text = (await send_message(port, make_message(message_id=message_id), check=False)).text
             assert text.startswith(("250 2.0.0", "451 4.3.0")), text
             replies.append((message_id, text))
             codes = [t[:3] for _, t in replies]

@@ -11,38 +11,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 import trustme
 
 from gateway.app import Gateway
 from gateway.config import Config
 
-from .conftest import RawClient, make_message, rows, run_cli, send_raw_message, stored_messages
-
-
-async def send(
-    gateway: Gateway,
-    message: bytes,
-    sender: str = "alice@client.example.com",
-    recipients: tuple[str, ...] = ("support@example.org",),
-) -> tuple[dict[str, Any], str]:
-    return await aiosmtplib.send(
-        message,
-        sender=sender,
-        recipients=list(recipients),
-        hostname="127.0.0.1",
-        port=gateway.port,
-        timeout=30,
-    )
+from .conftest import (
+    LmtpClient,
+    RawClient,
+    Refused,
+    make_message,
+    rows,
+    run_cli,
+    send_message,
+    stored_messages,
+)
 
 
 async def test_accepted_message_is_stored_exactly(config: Config, gateway: Gateway) -> None:
     message = make_message(
         subject="=?utf-8?q?Caf=C3=A9_down?=", message_id="<abc.123@client.example.com>"
     )
-    errors, reply = await send(gateway, message)
-    assert errors == {}
+    sent = await send_message(gateway, message)
+    assert sent.accepted
+    reply = sent.message
     assert reply.startswith("2.0.0 Ok: queued as ")
 
     [stored] = stored_messages(config)
@@ -86,24 +79,14 @@ async def test_recipients_accepted_only_for_configured_mailboxes(
 
 
 async def test_refused_recipients_store_nothing(config: Config, gateway: Gateway) -> None:
-    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as info:
-        await send(gateway, make_message(), recipients=("victim@elsewhere.example.net",))
-    assert info.value.recipients[0].code == 550
+    with pytest.raises(Refused) as info:
+        await send_message(gateway, make_message(), recipients=("victim@elsewhere.example.net",))
+    assert info.value.delivery.rcpt["victim@elsewhere.example.net"].code == 550
     assert stored_messages(config) == []
 
 
-async def send_null_sender(gateway: Gateway, message: bytes) -> None:
-    # aiosmtplib refuses an empty sender, so the null reverse-path goes over a raw client.
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, text = await send_raw_message(client, message, mail_from="")
-        assert code == 250, text
-    finally:
-        await client.close()
-
-
 async def test_null_sender_is_stored_as_empty_string(config: Config, gateway: Gateway) -> None:
-    await send_null_sender(gateway, make_message())
+    await send_message(gateway, make_message(), sender="")
     [stored] = stored_messages(config)
     assert stored["mail_from"] == ""
 
@@ -121,10 +104,10 @@ async def test_size_limit(make_config: Callable[..., Config], start_gateway: Any
         # Without SIZE= the limit bites after the final dot, and nothing is kept.
         big = make_message(body="x" * 70 + "\r\n") + b"y" * 70 * 200 + b"\r\n"
         big = big.replace(b"y" * 70, b"y" * 68 + b"\r\n")
-        code, text = await send_raw_message(client, big, greet=False)
+        code, text = (await client.transaction(big, check=False)).reply
         assert text.startswith("552 5.3.4")
         # The session is still usable afterwards.
-        code, text = await send_raw_message(client, make_message(), greet=False)
+        code, text = (await client.transaction(make_message())).reply
         assert code == 250
     finally:
         await client.close()
@@ -161,15 +144,9 @@ async def test_connection_limits_per_ip_and_in_all(
     assert text.startswith("421 4.7.0")
     assert await extra.closed()
     # ...while another address still gets in, up to the global cap.
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gateway.port, local_addr=("127.0.0.2", 0)
-    )
-    other = RawClient(reader, writer)
+    other = await RawClient.connect(gateway.port, source="127.0.0.2")
     assert (await other.reply())[0] == 220
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gateway.port, local_addr=("127.0.0.3", 0)
-    )
-    over = RawClient(reader, writer)
+    over = await RawClient.connect(gateway.port, source="127.0.0.3")
     code, text = await over.reply()
     assert text.startswith("421 4.7.0")
     # Closing one frees its place.
@@ -193,20 +170,21 @@ async def test_lmtp_replies_once_per_recipient(
 ) -> None:
     config = make_config(protocol="lmtp")
     gateway = await start_gateway(config)
-    client = await RawClient.connect(gateway.port)
+    client = await LmtpClient.connect(gateway.port)
     try:
         code, text = await client.reply()
         assert code == 220
         assert (await client.command("EHLO client.example.com"))[0] == 500
         assert (await client.command("LHLO mta.example.org"))[0] == 250
-        await client.command("MAIL FROM:<alice@client.example.com>")
-        assert (await client.command("RCPT TO:<support@example.org>"))[0] == 250
-        assert (await client.command("RCPT TO:<nobody@example.org>"))[0] == 550
-        assert (await client.command("RCPT TO:<billing@example.org>"))[0] == 250
-        assert (await client.command("DATA"))[0] == 354
-        await client.send(make_message() + b".\r\n")
-        first = await client.reply()
-        second = await client.reply()
+        sent = await client.transaction(
+            make_message(),
+            recipients=("support@example.org", "nobody@example.org", "billing@example.org"),
+            check=False,
+        )
+        assert sent.mail.code == 250
+        assert [r.code for r in sent.rcpt.values()] == [250, 550, 250]
+        assert sent.data is not None and sent.data.code == 354
+        first, second = sent.final.values()
         assert first[0] == second[0] == 250
         assert (await client.command("NOOP"))[0] == 250  # no third reply was queued
     finally:
@@ -226,19 +204,20 @@ async def test_starttls_with_a_throwaway_certificate(
     gateway = await start_gateway(config)
     client_context = __import__("ssl").create_default_context()
     ca.configure_trust(client_context)
-    smtp = aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=gateway.port, tls_context=client_context, start_tls=False
-    )
-    await smtp.connect()
+    client = await RawClient.connect(gateway.port)
     try:
-        await smtp.ehlo()
-        assert smtp.supports_extension("starttls")
-        await smtp.starttls()
-        await smtp.ehlo()
-        assert not smtp.supports_extension("starttls")  # not offered twice
-        await smtp.sendmail("alice@client.example.com", ["support@example.org"], make_message())
+        features = await client.greet()
+        assert "STARTTLS" in features.upper()
+        assert (await client.command("STARTTLS"))[0] == 220
+        await asyncio.wait_for(
+            client.writer.start_tls(client_context, server_hostname="127.0.0.1"), 10
+        )
+        code, features = await client.command("EHLO client.example.com")
+        assert code == 250
+        assert "STARTTLS" not in features.upper()  # not offered twice
+        await client.transaction(make_message())
     finally:
-        await smtp.quit()
+        await client.close()
     assert len(stored_messages(config)) == 1
 
 
@@ -258,7 +237,7 @@ async def test_hang_up_after_final_dot_does_not_wedge_the_writer(
         client.writer.transport.abort()  # hang up without waiting for the reply
 
     async def one(i: int) -> None:
-        await send(gateway, make_message(message_id=f"<after{i}@client.example.com>"))
+        await send_message(gateway, make_message(message_id=f"<after{i}@client.example.com>"))
 
     for start in range(0, 100, 10):
         await asyncio.gather(*(one(i) for i in range(start, start + 10)))
@@ -274,17 +253,16 @@ async def test_database_locked_by_another_writer_is_a_tempfail(
     blocker = sqlite3.connect(config.database_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        with pytest.raises(aiosmtplib.SMTPDataError) as info:
-            await send(gateway, make_message())
-        assert info.value.code == 451
-        assert info.value.message.startswith("4.3.0")
-        assert "sqlite" not in info.value.message.lower()
-        assert "locked" not in info.value.message.lower()
+        reply = (await send_message(gateway, make_message(), check=False)).after_dot
+        assert reply.code == 451
+        assert reply.message.startswith("4.3.0")
+        assert "sqlite" not in reply.message.lower()
+        assert "locked" not in reply.message.lower()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     # Once the lock is gone the same gateway accepts mail again.
-    await send(gateway, make_message())
+    await send_message(gateway, make_message())
     assert len(stored_messages(config)) == 1
 
 
@@ -293,12 +271,11 @@ async def test_too_many_hops_is_refused(config: Config, gateway: Gateway) -> Non
         f"Received: from relay{i}.example.net by mx.example.net; 27 Nov 2026 10:00 +0000\r\n"
         for i in range(31)
     )
-    with pytest.raises(aiosmtplib.SMTPDataError) as info:
-        await send(gateway, received.encode() + make_message())
-    assert (info.value.code, info.value.message[:5]) == (554, "5.4.6")
+    sent = await send_message(gateway, received.encode() + make_message(), check=False)
+    assert (sent.after_dot.code, sent.after_dot.message[:5]) == (554, "5.4.6")
     assert stored_messages(config) == []
     # Exactly at the limit is fine.
-    await send(gateway, received.encode().split(b"\r\n", 1)[1] + make_message())
+    await send_message(gateway, received.encode().split(b"\r\n", 1)[1] + make_message())
     assert len(stored_messages(config)) == 1
 
 
@@ -311,11 +288,7 @@ async def test_bare_line_endings_and_nul_in_headers_are_refused(
     config: Config, gateway: Gateway, header: bytes
 ) -> None:
     message = b"From: alice@client.example.com\r\n" + header + b"\r\nbody\r\n"
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, text = await send_raw_message(client, message)
-    finally:
-        await client.close()
+    code, text = (await send_message(gateway, message, check=False)).reply
     assert text.startswith("554 5.6.0")
     assert stored_messages(config) == []
 
@@ -346,9 +319,9 @@ async def test_hostile_mime_is_stored_malformed_without_blocking_others(
     config = make_config(max_message_size=4_000_000, extra_parser="")
     gateway = await start_gateway(config)
     hostile = [nested(2000), many_parts(20_000)]
-    hostile_sends = [asyncio.create_task(send(gateway, m)) for m in hostile]
+    hostile_sends = [asyncio.create_task(send_message(gateway, m)) for m in hostile]
     started = time.monotonic()
-    await send(gateway, make_message(message_id="<normal@client.example.com>"))
+    await send_message(gateway, make_message(message_id="<normal@client.example.com>"))
     normal_latency = time.monotonic() - started
     await asyncio.gather(*hostile_sends)
     assert normal_latency < 1.0 + 0.5  # the bar is 1 s; leave CI some slack
@@ -359,9 +332,11 @@ async def test_hostile_mime_is_stored_malformed_without_blocking_others(
 
 
 async def test_messages_list_json_contract(config: Config, gateway: Gateway) -> None:
-    await send(gateway, make_message(subject="first", message_id="<one@client.example.com>"))
-    await send_null_sender(
-        gateway, make_message(subject="second", message_id="<two@client.example.com>")
+    await send_message(
+        gateway, make_message(subject="first", message_id="<one@client.example.com>")
+    )
+    await send_message(
+        gateway, make_message(subject="second", message_id="<two@client.example.com>"), sender=""
     )
     result = await asyncio.to_thread(run_cli, config, "messages", "list", "--json")
     assert result.returncode == 0, result.stderr

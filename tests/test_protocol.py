@@ -9,14 +9,14 @@ LMTP, bare LF/NUL in headers, hop limit) are not repeated here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import platform
 import random
 import re
 import ssl
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,8 @@ from gateway.app import Gateway
 from gateway.config import Config
 from gateway.server import GatewaySMTP
 
-from .conftest import RawClient, make_message, rows, send_raw_message, stored_messages
+from .conftest import HELO_NAME, RawClient, make_message, rows, stored_messages
 
-HELO_NAME = "client.example.com"
 SENDER = "alice@client.example.com"
 MAILBOX = "support@example.org"
 
@@ -60,46 +59,11 @@ def assert_discreet(text: str) -> None:
     assert not _VERSION.search(bare), text
 
 
-class ProtocolClient(RawClient):
-    """RawClient that checks every reply it reads for leaked internals."""
-
-    async def reply(self, timeout: float = 10) -> tuple[int, str]:
-        code, text = await super().reply(timeout)
-        assert_discreet(text)
-        return code, text
-
-    async def greet(self) -> str:
-        """Read the banner and say EHLO; return the EHLO reply text."""
-        code, banner = await self.reply()
-        assert code == 220, banner
-        code, text = await self.command(f"EHLO {HELO_NAME}")
-        assert code == 250, text
-        return text
-
-    async def replies_until_closed(self, within: float = 10) -> list[tuple[int, str]]:
-        """Every reply the server sends until it closes the connection (within `within` s)."""
-        deadline = time.monotonic() + within
-        replies = []
-        while True:
-            try:
-                replies.append(await self.reply(max(0.1, deadline - time.monotonic())))
-            except ConnectionError:
-                return replies
-
-
 @pytest.fixture
-async def connect() -> AsyncIterator[Callable[[int], Any]]:
-    """Factory: a ProtocolClient on the gateway's port; all are closed at the end."""
-    clients: list[ProtocolClient] = []
-
-    async def factory(port: int) -> ProtocolClient:
-        client = await ProtocolClient.connect(port)
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        await client.close()
+def connect(raw_client: Callable[..., Any]) -> Callable[[int], Any]:
+    """Factory: the shared RawClient on the gateway's port, every reply it reads checked
+    for leaked internals (test 14); all are closed at the end."""
+    return functools.partial(raw_client, on_reply=assert_discreet)
 
 
 def raw_of_only_message(config: Config) -> bytes:
@@ -117,7 +81,7 @@ def raw_of_only_message(config: Config) -> bytes:
 async def test_eleventh_rejected_recipient_in_a_session_closes_it(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     # The count is per session, not per transaction: RSET does not clear it.
     assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
@@ -141,7 +105,7 @@ async def test_eleventh_rejected_recipient_in_a_session_closes_it(
 async def test_null_reverse_path_is_accepted_and_stored_as_empty(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     _, text = await client.command("MAIL FROM:<>")
     assert text.startswith("250 2.1.0"), text
@@ -212,7 +176,7 @@ async def test_path_fast_path_agrees_with_aiosmtpd(local_part_limit: int) -> Non
 async def test_unterminated_path_is_a_malformed_address_not_a_fault(
     gateway: Gateway, connect: Callable[[int], Any], path: str
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     _, text = await client.command(f"MAIL FROM:{path}")
     assert text.startswith(("553", "501")), text
@@ -222,7 +186,7 @@ async def test_unterminated_path_is_a_malformed_address_not_a_fault(
 async def test_mail_and_rcpt_parameters_survive_the_fast_path(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     _, text = await client.command(f"MAIL FROM:<{SENDER}> SIZE=2000 BODY=8BITMIME")
     assert text.startswith("250 2.1.0"), text
@@ -256,7 +220,7 @@ def mail_of(length: int, params: str = "") -> str:
 async def test_command_line_over_512_octets_is_refused(
     gateway: Gateway, connect: Callable[[int], Any], extended: bool
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     assert (await client.reply())[0] == 220
     greeting = f"EHLO {HELO_NAME}" if extended else f"HELO {HELO_NAME}"
     assert (await client.command(greeting))[0] == 250
@@ -275,7 +239,7 @@ async def test_mail_length_limit_does_not_grow_with_ehlo(
 ) -> None:
     # aiosmtpd 1.4.6 adds 36 octets to a class-wide MAIL limit on every EHLO, so repeated
     # EHLOs - on one connection or on several at once - let an overlong MAIL through.
-    clients: list[ProtocolClient] = [await connect(gateway.port) for _ in range(3)]
+    clients: list[RawClient] = [await connect(gateway.port) for _ in range(3)]
     for client in clients:
         assert (await client.reply())[0] == 220
     for _ in range(5):
@@ -291,7 +255,7 @@ async def test_mail_length_limit_does_not_grow_with_ehlo(
         assert text.startswith("250 2.1.0"), text
         assert (await client.command("RSET"))[0] == 250
     # A fresh connection after all those EHLOs starts from the same limit.
-    late: ProtocolClient = await connect(gateway.port)
+    late: RawClient = await connect(gateway.port)
     await late.greet()
     _, text = await late.command(mail_of(600))
     assert text.startswith("500 5.5.2"), text
@@ -301,17 +265,17 @@ async def test_mail_length_limit_does_not_grow_with_ehlo(
 async def test_overlong_data_line_is_refused_after_the_dot(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     for line_length in (1002, 20_000):  # CRLF included; the second overruns the reader
         long_line = "y" * (line_length - 2)
         message = make_message(body=f"before\r\n{long_line}\r\nafter\r\n")
-        _, text = await send_raw_message(client, message, greet=False)
+        _, text = (await client.transaction(message, check=False)).reply
         assert text.startswith("500 5.5.2"), (line_length, text)
     assert stored_messages(config) == []
     # RFC 5321 4.5.3.1.6: 1,000 octets including CRLF is the largest a line may be.
     at_limit = make_message(body="z" * 998 + "\r\n")
-    _, text = await send_raw_message(client, at_limit, greet=False)
+    _, text = (await client.transaction(at_limit, check=False)).reply
     assert text.startswith("250 2.0.0"), text
     assert raw_of_only_message(config) == at_limit
 
@@ -322,7 +286,7 @@ async def test_overlong_data_line_is_refused_after_the_dot(
 async def test_unknown_commands_end_the_session(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     codes = []
     for _ in range(6):
@@ -342,7 +306,7 @@ async def test_vrfy_never_tells_whether_a_mailbox_exists(
 ) -> None:
     answers = []
     for address in (MAILBOX, "nobody@example.org", "someone@elsewhere.example.net"):
-        client: ProtocolClient = await connect(gateway.port)
+        client: RawClient = await connect(gateway.port)
         await client.greet()
         answers.append(await client.command(f"VRFY <{address}>"))
     assert answers[0][0] == 252
@@ -350,7 +314,7 @@ async def test_vrfy_never_tells_whether_a_mailbox_exists(
 
 
 async def test_expn_is_not_implemented(gateway: Gateway, connect: Callable[[int], Any]) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     for name in ("support", "staff@example.org"):
         code, text = await client.command(f"EXPN {name}")
@@ -380,7 +344,7 @@ async def test_command_budget_closes_the_session(
     ok: int,
     budget: int,
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     assert (await client.reply())[0] == 220
     for _ in range(budget):
         assert (await client.command(line))[0] == ok
@@ -395,7 +359,7 @@ async def test_command_budget_closes_the_session(
 async def test_non_ascii_address_needs_smtputf8(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     features = await client.greet()
     assert "SMTPUTF8" in features
     code, text = await client.command("MAIL FROM:<jösé@client.example.com>".encode())
@@ -419,7 +383,7 @@ async def test_smtputf8_parameter_is_refused_when_disabled(
     make_config: Callable[..., Config], start_gateway: Any, connect: Callable[[int], Any]
 ) -> None:
     gateway = await start_gateway(make_config(extra_smtp="smtputf8 = false"))
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     features = await client.greet()
     assert "SMTPUTF8" not in features
     code, text = await client.command(f"MAIL FROM:<{SENDER}> SMTPUTF8")
@@ -459,7 +423,7 @@ SMUGGLED_TRANSACTION = (
 async def test_smuggling_endings_do_not_end_data(
     config: Config, gateway: Gateway, connect: Callable[[int], Any], ending: bytes
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
@@ -483,7 +447,7 @@ async def test_smuggling_endings_do_not_end_data(
 async def test_commands_sent_before_the_greeting_are_answered_in_order(
     config: Config, gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     # Everything in one write, before the banner has been read: a client that does not
     # wait. The server answers strictly in order, one reply per command.
     await client.send(
@@ -509,7 +473,7 @@ async def test_body_pipelined_after_a_refused_data_is_not_run_as_commands(
     # A client that sends the content without waiting for 354 (RFC 5321 3.3 and RFC 2920
     # 3.1 forbid it) must not have that content read as commands when DATA is refused:
     # the body would then be an SMTP session of its own.
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     await client.send(
         f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n".encode()
@@ -528,14 +492,14 @@ async def test_body_pipelined_while_data_slots_are_busy_is_not_run_as_commands(
 ) -> None:
     config = make_config(extra_smtp="data_slots = 1\ndata_slot_wait = 1")
     gateway = await start_gateway(config)
-    holder: ProtocolClient = await connect(gateway.port)
+    holder: RawClient = await connect(gateway.port)
     await holder.greet()
-    await send_raw_message(holder, make_message(subject="holder"), greet=False)
+    await holder.transaction(make_message(subject="holder"))
     assert (await holder.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     assert (await holder.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
     assert (await holder.command("DATA"))[0] == 354  # holds the only slot
 
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250
     assert (await client.command(f"RCPT TO:<{MAILBOX}>"))[0] == 250
@@ -564,7 +528,7 @@ async def test_commands_injected_with_starttls_are_discarded(
     context = ssl.create_default_context()
     ca.configure_trust(context)
 
-    client = await ProtocolClient.connect(gateway.port)
+    client = await RawClient.connect(gateway.port, on_reply=assert_discreet)
     try:
         features = await client.greet()
         assert "STARTTLS" in features
@@ -619,7 +583,7 @@ def test_discretion_check_has_teeth() -> None:
 async def test_banner_and_ehlo_name_nothing_but_the_host(
     gateway: Gateway, connect: Callable[[int], Any]
 ) -> None:
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     code, banner = await client.reply()
     assert banner == "220 support.example.org ESMTP"
     code, features = await client.command(f"EHLO {HELO_NAME}")
@@ -639,10 +603,10 @@ async def test_handler_exception_is_a_451_with_a_reference_only(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(gateway.pipeline, "receive", broken)
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     with caplog.at_level(logging.ERROR, logger="gateway"):
-        _, text = await send_raw_message(client, make_message(), greet=False)
+        _, text = (await client.transaction(make_message(), check=False)).reply
     match = re.fullmatch(r"451 4\.3\.0 [^()]*\(ref ([0-9a-f]{8,})\)", text)
     assert match, text
     assert "secret" not in text
@@ -652,10 +616,11 @@ async def test_handler_exception_is_a_451_with_a_reference_only(
     # The daemon keeps serving: the same session starts a new transaction, and so does
     # a new connection.
     monkeypatch.undo()
-    _, text = await send_raw_message(client, make_message(subject="same session"), greet=False)
+    _, text = (await client.transaction(make_message(subject="same session"), check=False)).reply
     assert text.startswith("250 2.0.0"), text
-    other: ProtocolClient = await connect(gateway.port)
-    _, text = await send_raw_message(other, make_message(subject="new session"))
+    other: RawClient = await connect(gateway.port)
+    await other.greet()
+    _, text = (await other.transaction(make_message(subject="new session"), check=False)).reply
     assert text.startswith("250 2.0.0"), text
     assert sorted(m["subject"] for m in stored_messages(config)) == ["new session", "same session"]
 
@@ -668,18 +633,19 @@ async def test_messages_per_connection_limit(
 ) -> None:
     config = make_config(extra_smtp="max_messages_per_connection = 3")
     gateway = await start_gateway(config)
-    client: ProtocolClient = await connect(gateway.port)
+    client: RawClient = await connect(gateway.port)
     await client.greet()
     for i in range(3):
-        code, text = await send_raw_message(client, make_message(subject=f"m{i}"), greet=False)
+        code, text = (await client.transaction(make_message(subject=f"m{i}"), check=False)).reply
         assert text.startswith("250 2.0.0"), text
     code, text = await client.command(f"MAIL FROM:<{SENDER}>")
     assert text.startswith("421 4.7.0"), text
     assert await client.closed()
     assert len(stored_messages(config)) == 3
     # The limit is per connection: a new one is served.
-    again: ProtocolClient = await connect(gateway.port)
-    code, text = await send_raw_message(again, make_message(subject="m3"))
+    again: RawClient = await connect(gateway.port)
+    await again.greet()
+    code, text = (await again.transaction(make_message(subject="m3"), check=False)).reply
     assert code == 250, text
 
 
@@ -688,8 +654,8 @@ async def test_busy_data_slots_answer_451_and_the_retry_succeeds(
 ) -> None:
     config = make_config(extra_smtp="data_slots = 1\ndata_slot_wait = 1")
     gateway = await start_gateway(config)
-    first: ProtocolClient = await connect(gateway.port)
-    second: ProtocolClient = await connect(gateway.port)
+    first: RawClient = await connect(gateway.port)
+    second: RawClient = await connect(gateway.port)
     for client in (first, second):
         await client.greet()
         assert (await client.command(f"MAIL FROM:<{SENDER}>"))[0] == 250

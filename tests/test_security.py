@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from gateway.app import Gateway
 from gateway.config import Config
 from gateway.tickets import make_token
 
-from .conftest import RawClient, cli, make_message, rows, send_raw_message, stored_messages
-from .test_tickets import received, send, tickets
+from .conftest import cli, make_message, rows, send_message, stored_messages
+from .test_tickets import received, tickets
 
 TRUSTED = "mx.example.org"
 STAFF = (
@@ -73,7 +72,7 @@ def config(make_config: Any) -> Config:
 
 
 async def open_ticket(gateway: Gateway, mid: str = "<req@client.example.com>") -> None:
-    await send(gateway, make_message(subject="Printer", message_id=mid))
+    await send_message(gateway, make_message(subject="Printer", message_id=mid))
 
 
 # --- 1. staff actions by mail need proof ---------------------------------------------
@@ -103,7 +102,7 @@ async def test_forged_staff_reply_is_held_and_never_reaches_the_client(
         ),
     ]
     for message, to in forged:
-        await send(gateway, message, sender=sender, to=to)
+        await send_message(gateway, message, sender=sender, recipients=(to,))
     assert [e["reasons"][0] for e in held(config)] == ["unauthenticated"] * 3
     assert "staff-reply" not in outbox_kinds(config)
     # The admins are told, under the security cap that junk cannot exhaust.
@@ -119,7 +118,7 @@ async def test_authenticated_staff_reply_threads_by_our_message_id_or_token_only
     auth = passed("example.org")
     # Authenticated, but only the tag: the tag never threads staff mail. It opens a
     # ticket of its own (Dana its requester) and nothing is mailed to the client.
-    await send(
+    await send_message(
         gateway,
         make_message(subject="Re: [#1] Printer", sender="dana@example.org", headers=auth),
         sender="dana@example.org",
@@ -127,7 +126,7 @@ async def test_authenticated_staff_reply_threads_by_our_message_id_or_token_only
     assert [t["number"] for t in tickets(config)] == [2, 1]
     assert tickets(config)[0]["requester"] == "dana@example.org"
     # Authenticated and citing a client's Message-ID (not ours): the same.
-    await send(
+    await send_message(
         gateway,
         make_message(
             subject="Printer",
@@ -139,7 +138,7 @@ async def test_authenticated_staff_reply_threads_by_our_message_id_or_token_only
     assert len(tickets(config)) == 3
     assert "staff-reply" not in outbox_kinds(config)
     # Authenticated and threading by our own Message-ID: a staff reply to the client.
-    await send(
+    await send_message(
         gateway,
         make_message(
             subject="Re: [#1] Printer",
@@ -152,13 +151,13 @@ async def test_authenticated_staff_reply_threads_by_our_message_id_or_token_only
     assert status_of(config, 1) == "pending"
     assert outbox_kinds(config).count("staff-reply") == 1
     # ...and by the reply token, from an address at a staff domain.
-    await send(
+    await send_message(
         gateway,
         make_message(
             subject="x", sender="eve@staff.example.org", headers=passed("staff.example.org")
         ),
         sender="eve@staff.example.org",
-        to=f"support+{make_token(gateway.pipeline.token_secret, 1)}@example.org",
+        recipients=(f"support+{make_token(gateway.pipeline.token_secret, 1)}@example.org",),
     )
     assert outbox_kinds(config).count("staff-reply") == 2
     assert held(config) == []
@@ -174,7 +173,7 @@ async def test_release_of_held_staff_mail_files_a_note_never_mailed(
         headers=f"In-Reply-To: {ack_id(config, 1)}\r\n",
         body="Send your password to me.\r\n",
     )
-    await send(gateway, forged, sender="dana@example.org")
+    await send_message(gateway, forged, sender="dana@example.org")
     [entry] = json.loads((await cli(config, "quarantine", "list", "--json")).stdout)
     released = await cli(config, "quarantine", "release", str(entry["id"]))
     assert released.returncode == 0, released.stderr
@@ -209,10 +208,12 @@ async def test_automatic_markers_do_not_bypass_the_forged_from_rule(
 ) -> None:
     config = make_config(extra=STAFF + POLICY + "require_authentication = true\n")
     gateway = await start_gateway(config)
-    await send(gateway, make_message(subject="Printer", headers=passed("client.example.com")))
+    await send_message(
+        gateway, make_message(subject="Printer", headers=passed("client.example.com"))
+    )
     for sender in ("alice@client.example.com", "dana@example.org"):
         message = make_message(subject="Out of office Re: [#1] Printer", sender=sender, headers=OOO)
-        await send(gateway, message, sender=sender)
+        await send_message(gateway, message, sender=sender)
     assert [(e["sender"], e["reasons"][0]) for e in held(config)] == [
         ("alice@client.example.com", "unauthenticated"),
         ("dana@example.org", "unauthenticated"),
@@ -230,7 +231,7 @@ async def test_automatic_mail_files_only_by_our_own_message_id(
         message = make_message(
             subject="Out of office Re: [#1] Printer", sender=robot, headers=headers
         )
-        await send(gateway, message, sender=robot)
+        await send_message(gateway, message, sender=robot)
     assert [m["kind"] for m in received(config, 1)] == ["client"]
     assert [e["reasons"][0] for e in held(config)] == ["unknown-sender", "unknown-sender"]
     # By our own Message-ID: an event on the ticket that reopens nothing and answers nothing.
@@ -238,7 +239,7 @@ async def test_automatic_mail_files_only_by_our_own_message_id(
     message = make_message(
         subject="Out of office", sender=robot, headers=OOO + f"In-Reply-To: {ack_id(config, 1)}\r\n"
     )
-    await send(gateway, message)
+    await send_message(gateway, message)
     assert [m["kind"] for m in received(config, 1)] == ["client", "auto-reply"]
     assert status_of(config, 1) == "new"
     assert outbox_kinds(config) == before
@@ -257,11 +258,7 @@ async def test_bounce_with_unusable_from_about_our_mail_still_files(
         b"\r\n"
         b"This is the mail system. Your message could not be delivered.\r\n"
     )
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, text = await send_raw_message(client, bounce, mail_from="")
-    finally:
-        await client.close()
+    code, text = (await send_message(gateway, bounce, sender="")).reply
     assert code == 250, text
     assert held(config) == []
     assert [m["kind"] for m in received(config, 1)][1] in ("bounce", "auto-reply")
@@ -287,7 +284,7 @@ async def test_ambiguous_from_is_malformed_from(
         f"{from_lines}\r\nTo: support@example.org\r\nSubject: hi\r\n"
         "Message-ID: <amb@evil.example>\r\n\r\nbody\r\n"
     ).encode()
-    await send(gateway, raw, sender="mallory@evil.example")
+    await send_message(gateway, raw, sender="mallory@evil.example")
     assert [e["reasons"][0] for e in held(config)] == ["malformed-from"]
     assert tickets(config) == []
 
@@ -298,7 +295,7 @@ async def test_obsolete_but_unambiguous_from_is_still_an_identity(
     # RFC 5322 section 4: "Dr. A. Example" (an unquoted "." in the phrase) must be
     # accepted; it names one address without doubt.
     raw = make_message().replace(b"From: Alice Example <", b"From: Dr. A. Example <")
-    await send(gateway, raw)
+    await send_message(gateway, raw)
     assert held(config) == [] and len(tickets(config)) == 1
 
 
@@ -312,7 +309,7 @@ async def test_dmarc_result_for_another_domain_is_forged(
         f"Authentication-Results: {TRUSTED}; dkim=pass header.d=evil.example; "
         f"dmarc={result} header.from=evil.example\r\n"
     )
-    await send(gateway, make_message(headers=headers))
+    await send_message(gateway, make_message(headers=headers))
     assert [e["reasons"][0] for e in held(config)] == ["unauthenticated"]
     assert tickets(config) == []
 
@@ -328,11 +325,11 @@ async def test_citing_a_clients_message_id_does_not_join_her_ticket(
     cite = make_message(
         subject="about that", sender=eve, headers="In-Reply-To: <req@client.example.com>\r\n"
     )
-    await send(gateway, cite, sender=eve)
+    await send_message(gateway, cite, sender=eve)
     assert [m["kind"] for m in received(config, 1)] == ["client"]
     assert tickets(config)[0]["requester"] == eve
     # A participant (Alice herself) still threads by her own Message-ID.
-    await send(
+    await send_message(
         gateway,
         make_message(subject="more", headers="In-Reply-To: <req@client.example.com>\r\n"),
     )
@@ -345,7 +342,7 @@ async def test_reused_message_id_is_kept_apart_flagged_and_captures_nothing(
     await open_ticket(gateway)
     eve = "eve@other.example.net"
     reuse = make_message(subject="mine now", sender=eve, message_id="<req@client.example.com>")
-    await send(gateway, reuse, sender=eve)
+    await send_message(gateway, reuse, sender=eve)
     [eves] = [t for t in tickets(config) if t["requester"] == eve]
     assert eves["number"] == 2
     [flagged] = [m for m in stored_messages(config) if m["from"].endswith(f"<{eve}>")]
@@ -353,7 +350,7 @@ async def test_reused_message_id_is_kept_apart_flagged_and_captures_nothing(
     [event] = rows(config, "SELECT detail FROM events WHERE action = 'message.flagged'")
     assert json.loads(event["detail"])["reason"] == "reused-message-id"
     # Alice's follow-up to her own first mail still reaches her ticket: the first row wins.
-    await send(
+    await send_message(
         gateway,
         make_message(subject="follow-up", headers="In-Reply-To: <req@client.example.com>\r\n"),
     )
@@ -372,15 +369,17 @@ async def test_forged_held_mail_does_not_mute_the_genuine_sender(
     )
     gateway = await start_gateway(config)
     for i in range(5):
-        await send(gateway, make_message(subject=f"forged {i}"))
+        await send_message(gateway, make_message(subject=f"forged {i}"))
     assert [e["reasons"][0] for e in held(config)] == ["unauthenticated"] * 5
     genuine = make_message(subject="genuine", headers=passed("client.example.com"))
-    await send(gateway, genuine)
+    await send_message(gateway, genuine)
     assert len(held(config)) == 5
     assert [t["subject"] for t in tickets(config)] == ["genuine"]
     # A real loop from a genuine sender is still caught: past the threshold it is held.
     for i in range(3):
-        await send(gateway, make_message(subject=f"loop {i}", headers=passed("client.example.com")))
+        await send_message(
+            gateway, make_message(subject=f"loop {i}", headers=passed("client.example.com"))
+        )
     assert len(tickets(config)) == 3
     assert held(config)[-1]["reasons"][0] == "loop"
 
@@ -402,9 +401,9 @@ async def test_only_the_exact_authserv_id_token_is_trusted(
         f"Authentication-Results: {authserv_id}; dkim=pass header.d=client.example.com; "
         "dmarc=pass header.from=client.example.com\r\n"
     )
-    await send(gateway, make_message(headers=forged))
+    await send_message(gateway, make_message(headers=forged))
     assert [e["reasons"][0] for e in held(config)] == ["unauthenticated"]
-    await send(gateway, make_message(headers=passed("client.example.com")))
+    await send_message(gateway, make_message(headers=passed("client.example.com")))
     assert len(tickets(config)) == 1
 
 
@@ -418,15 +417,7 @@ async def test_staff_lookalike_with_automatic_markers_is_held_as_lookalike(
     message = make_message(
         subject="Out of office", headers=OOO + f"In-Reply-To: {ack_id(config, 1)}\r\n"
     ).replace(b"alice@client.example.com", forged.encode())
-    try:
-        await aiosmtplib.send(
-            message,
-            sender="x@evil.example",
-            recipients=["support@example.org"],
-            hostname="127.0.0.1",
-            port=gateway.port,
-        )
-    except aiosmtplib.SMTPException as exc:  # pragma: no cover - shown on failure
-        raise AssertionError(f"refused at SMTP time: {exc}") from exc
+    sent = await send_message(gateway, message, sender="x@evil.example", check=False)
+    assert sent.accepted, f"refused at SMTP time: {sent.reply.text}"
     assert [e["reasons"][0] for e in held(config)] == ["lookalike"]
     assert [m["kind"] for m in received(config, 1)] == ["client"]

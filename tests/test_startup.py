@@ -24,8 +24,8 @@ import pytest
 from gateway import store
 from gateway.config import Config, load_config
 
-from .conftest import ROOT, run_cli, seed_senders, write_config
-from .test_durability import armed, send_one, wrapped_daemon
+from .conftest import ROOT, make_message, run_cli, seed_senders, send_message, write_config
+from .test_durability import armed, wrapped_daemon
 
 # A daemon that should refuse at once but starts instead would run until killed.
 SERVE_TIMEOUT = 20
@@ -203,7 +203,11 @@ async def test_a_new_database_is_made_only_where_no_file_exists(
     folder = config.database_path.parent
     assert not folder.exists()
     gateway = await start_gateway(config, seed=False)
-    code, text = await send_one(gateway.port, "<first@client.example.com>")
+    code, text = (
+        await send_message(
+            gateway.port, make_message(message_id="<first@client.example.com>"), check=False
+        )
+    ).reply
     assert code == 250, text
     with closing(sqlite3.connect(config.database_path)) as conn:
         assert conn.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
@@ -269,7 +273,11 @@ async def test_a_database_found_bad_while_running_stops_the_daemon(
     wrapper = ["env", "GATEWAY_TEST_HOOKS=1"]
     log_path = tmp_path / "gateway.log"
     with wrapped_daemon(wrapper, config_path, log_path, exits_itself=True) as (proc, port, pid):
-        code, text = await send_one(port, "<before@client.example.com>")
+        code, text = (
+            await send_message(
+                port, make_message(message_id="<before@client.example.com>"), check=False
+            )
+        ).reply
         assert code == 250, text
         # The senders table is read, never written, by the intake: its page is not in
         # the WAL, so the damage is what a reopened connection reads.
@@ -278,9 +286,17 @@ async def test_a_database_found_bad_while_running_stops_the_daemon(
         else:
             config.database_path.rename(config.database_path.with_suffix(".moved"))
         await armed(log_path, pid)
-        code, text = await send_one(port, "<fault@client.example.com>")
+        code, text = (
+            await send_message(
+                port, make_message(message_id="<fault@client.example.com>"), check=False
+            )
+        ).reply
         assert text.startswith("451 4.3.0"), text
-        code, text = await send_one(port, "<after@client.example.com>")
+        code, text = (
+            await send_message(
+                port, make_message(message_id="<after@client.example.com>"), check=False
+            )
+        ).reply
         assert text.startswith("451 4.3.0"), text
         exit_code = await asyncio.to_thread(proc.wait, 60)
     log = log_path.read_text("utf-8", "replace")

@@ -15,7 +15,6 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from gateway import store
@@ -24,7 +23,7 @@ from gateway.config import Config
 from gateway.store import Filing, StoredMessage
 from gateway.tickets import make_token
 
-from .conftest import RawClient, make_message, rows, run_cli, send_raw_message, stored_messages
+from .conftest import make_message, rows, run_cli, send_message, stored_messages
 
 DATA = Path(__file__).resolve().parent / "data" / "tickets"
 
@@ -36,18 +35,6 @@ def fixture(name: str, threading: str = "", **values: str) -> bytes:
     values.setdefault("subject", "Invoice export fails")
     values.setdefault("original", "<none@example.org>")
     return Template(text).safe_substitute(values).encode("latin-1")
-
-
-async def send(
-    gateway: Gateway,
-    message: bytes,
-    sender: str = "alice@client.example.com",
-    to: str = "support@example.org",
-) -> str:
-    _, reply = await aiosmtplib.send(
-        message, sender=sender, recipients=[to], hostname="127.0.0.1", port=gateway.port
-    )
-    return reply
 
 
 def tickets(config: Config, **filters: Any) -> list[dict[str, Any]]:
@@ -78,12 +65,14 @@ def set_status(config: Config, number: int, status: str) -> None:
 
 
 async def open_ticket(gateway: Gateway, mid: str = "<first@client.example.com>") -> None:
-    await send(gateway, fixture("new-request.eml", mid=mid))
+    await send_message(gateway, fixture("new-request.eml", mid=mid))
 
 
 async def test_new_request_opens_a_ticket(config: Config, gateway: Gateway) -> None:
     await open_ticket(gateway)
-    await send(gateway, make_message(subject="Invoice question"), to="billing@example.org")
+    await send_message(
+        gateway, make_message(subject="Invoice question"), recipients=("billing@example.org",)
+    )
     listed = {t["number"]: t for t in tickets(config)}
     assert set(listed) == {1, 2}
     first = listed[1]
@@ -110,17 +99,17 @@ async def test_reply_by_token(config: Config, gateway: Gateway) -> None:
     await open_ticket(gateway)
     secret = gateway.pipeline.token_secret
     # Even a different sender with no threading headers joins by the signed token...
-    await send(
+    await send_message(
         gateway,
         make_message(subject="hello", sender="carol@client.example.com"),
-        to=f"support+{make_token(secret, 1)}@example.org",
+        recipients=(f"support+{make_token(secret, 1)}@example.org",),
     )
     assert len(received(config, 1)) == 2
     # ...while a forged mac is accepted for the mailbox but threads nothing.
-    await send(
+    await send_message(
         gateway,
         make_message(subject="forged", sender="mallory@other.example.net"),
-        to="support+t1-aaaaaaaaaa@example.org",
+        recipients=("support+t1-aaaaaaaaaa@example.org",),
     )
     assert len(received(config, 1)) == 2
     assert [t["number"] for t in tickets(config)] == [2, 1]
@@ -136,7 +125,9 @@ async def test_reply_by_token(config: Config, gateway: Gateway) -> None:
 )
 async def test_reply_by_threading_headers(config: Config, gateway: Gateway, header: str) -> None:
     await open_ticket(gateway)
-    await send(gateway, fixture("gmail-reply.eml", threading=header, subject="changed subject"))
+    await send_message(
+        gateway, fixture("gmail-reply.eml", threading=header, subject="changed subject")
+    )
     [only] = tickets(config)
     assert len(received(config, only["number"])) == 2
 
@@ -145,10 +136,10 @@ async def test_subject_tag_from_participant_and_from_stranger(
     config: Config, gateway: Gateway
 ) -> None:
     await open_ticket(gateway)
-    await send(gateway, make_message(subject="Re: [#1] Invoice export fails"))
+    await send_message(gateway, make_message(subject="Re: [#1] Invoice export fails"))
     assert len(received(config, 1)) == 2
     # A stranger quoting the tag opens a ticket of their own and learns nothing of #1.
-    await send(
+    await send_message(
         gateway,
         make_message(subject="Re: [#1] Invoice export fails", sender="eve@other.example.net"),
         sender="eve@other.example.net",
@@ -162,8 +153,8 @@ async def test_custom_tag_format(make_config: Any, start_gateway: Any) -> None:
     config = make_config(extra='[tickets]\ntag = "(Ticket {number})"')
     gateway = await start_gateway(config)
     await open_ticket(gateway)
-    await send(gateway, make_message(subject="Re: (Ticket 1) Invoice export fails"))
-    await send(gateway, make_message(subject="Re: [#1] old style"))
+    await send_message(gateway, make_message(subject="Re: (Ticket 1) Invoice export fails"))
+    await send_message(gateway, make_message(subject="Re: [#1] old style"))
     assert len(received(config, 1)) == 2
     assert len(tickets(config)) == 2
 
@@ -173,7 +164,7 @@ async def test_mail_to_closed_ticket_opens_a_linked_follow_up(
 ) -> None:
     await open_ticket(gateway)
     set_status(config, 1, "closed")
-    await send(
+    await send_message(
         gateway, fixture("gmail-reply.eml", threading="In-Reply-To: <first@client.example.com>")
     )
     assert len(received(config, 1)) == 1
@@ -186,7 +177,7 @@ async def test_client_reply_reopens_pending_and_solved(config: Config, gateway: 
     await open_ticket(gateway)
     for status in ("pending", "solved"):
         set_status(config, 1, status)
-        await send(gateway, make_message(subject="Re: [#1] still broken"))
+        await send_message(gateway, make_message(subject="Re: [#1] still broken"))
         assert ticket(config, 1)["status"] == "open"
 
 
@@ -194,8 +185,8 @@ async def test_duplicate_delivery_is_stored_but_filed_once(
     config: Config, gateway: Gateway
 ) -> None:
     message = fixture("new-request.eml", mid="<dup@client.example.com>")
-    await send(gateway, message)
-    await send(gateway, message)
+    await send_message(gateway, message)
+    await send_message(gateway, message)
     copies = [m for m in stored_messages(config) if m["message_id"] == "<dup@client.example.com>"]
     assert len(copies) == 2
     [only] = tickets(config)
@@ -204,7 +195,9 @@ async def test_duplicate_delivery_is_stored_but_filed_once(
     assert newest["ticket"] is None and newest["duplicate_of"] == copies[1]["id"]
     # Same Message-ID, other bytes: not a retry but another message. Reusing an ID joins
     # nothing (a forged Message-ID must not hijack a ticket): it opens its own.
-    await send(gateway, fixture("new-request.eml", mid="<dup@client.example.com>", subject="x"))
+    await send_message(
+        gateway, fixture("new-request.eml", mid="<dup@client.example.com>", subject="x")
+    )
     assert [(t["number"], len(received(config, t["number"]))) for t in tickets(config)] == [
         (2, 1),
         (1, 1),
@@ -212,7 +205,7 @@ async def test_duplicate_delivery_is_stored_but_filed_once(
 
 
 async def test_auto_reply_without_ticket_opens_none(config: Config, gateway: Gateway) -> None:
-    await send(gateway, fixture("auto-reply.eml", mid="<ooo@client.example.com>"))
+    await send_message(gateway, fixture("auto-reply.eml", mid="<ooo@client.example.com>"))
     assert tickets(config) == []
     stored = message_by_id(config, "<ooo@client.example.com>")
     assert stored["ticket"] is None
@@ -232,7 +225,7 @@ async def test_auto_reply_joins_its_ticket_without_reopening(
         f"In-Reply-To: {ack['message_id']}",
         "In-Reply-To: <first@client.example.com>",
     ):
-        await send(
+        await send_message(
             gateway,
             fixture(
                 "auto-reply.eml",
@@ -248,14 +241,8 @@ async def test_auto_reply_joins_its_ticket_without_reopening(
 
 
 async def test_null_sender_mail_is_an_auto_reply(config: Config, gateway: Gateway) -> None:
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, _ = await send_raw_message(
-            client, make_message(message_id="<null@client.example.com>"), mail_from=""
-        )
-    finally:
-        await client.close()
-    assert code == 250
+    sent = await send_message(gateway, make_message(message_id="<null@client.example.com>"), "")
+    assert sent.code == 250
     assert tickets(config) == []
     assert message_by_id(config, "<null@client.example.com>")["kind"] == "auto-reply"
 
@@ -289,14 +276,8 @@ async def test_bounce_of_our_own_mail_joins_the_ticket(config: Config, gateway: 
         )
 
     await gateway.writer.write(store_ack)
-    client = await RawClient.connect(gateway.port)
-    try:
-        code, _ = await send_raw_message(
-            client, fixture("dsn-our-mail.eml", original=ack_id), mail_from=""
-        )
-    finally:
-        await client.close()
-    assert code == 250
+    sent = await send_message(gateway, fixture("dsn-our-mail.eml", original=ack_id), "")
+    assert sent.code == 250
     shown = ticket(config, 1)
     assert shown["status"] == "new"
     assert [m["kind"] for m in received(config, 1)][-1] == "bounce"
@@ -313,7 +294,7 @@ async def test_forged_bounce_marks_nobody_undeliverable(config: Config, gateway:
     await open_ticket(gateway)
     # A report naming a client's message (not one we sent) is no event on her ticket (a
     # client's Message-ID is anyone's to cite), and cannot mark anyone undeliverable.
-    await send(gateway, fixture("dsn-our-mail.eml", original="<first@client.example.com>"))
+    await send_message(gateway, fixture("dsn-our-mail.eml", original="<first@client.example.com>"))
     assert [m["kind"] for m in received(config, 1)] == ["client"]
     [bounce] = [m for m in stored_messages(config) if m["classification"] == "bounce"]
     assert bounce["ticket"] is None  # held: MAILER-DAEMON@mx.client.example.com is unknown
@@ -332,9 +313,8 @@ async def test_our_own_mail_coming_back_is_refused(
         message = make_message(headers=header + "\r\n")
     else:
         message = make_message(message_id="<t1.abc@support.example.org>")
-    with pytest.raises(aiosmtplib.SMTPDataError) as info:
-        await send(gateway, message)
-    assert (info.value.code, info.value.message[:5]) == (554, "5.4.6")
+    refused = (await send_message(gateway, message, check=False)).after_dot
+    assert (refused.code, refused.message[:5]) == (554, "5.4.6")
     assert stored_messages(config) == []
 
 
@@ -351,7 +331,7 @@ async def test_quoted_history_is_stripped_and_raw_kept(
 ) -> None:
     await open_ticket(gateway)
     raw = fixture(name, threading="In-Reply-To: <first@client.example.com>")
-    await send(gateway, raw)
+    await send_message(gateway, raw)
     reply = received(config, 1)[1]
     assert reply["text"].strip().startswith(expected)
     assert "restarted the export service" not in reply["text"]
@@ -361,7 +341,7 @@ async def test_quoted_history_is_stripped_and_raw_kept(
 
 
 async def test_html_only_mail_becomes_text(config: Config, gateway: Gateway) -> None:
-    await send(gateway, fixture("html-only.eml"))
+    await send_message(gateway, fixture("html-only.eml"))
     text = received(config, 1)[0]["text"]
     assert "The dashboard is blank after login." in text
     assert "alert" not in text and "color: red" not in text and "<" not in text
@@ -370,13 +350,13 @@ async def test_html_only_mail_becomes_text(config: Config, gateway: Gateway) -> 
 async def test_unknown_charset_gives_replacement_characters(
     config: Config, gateway: Gateway
 ) -> None:
-    await send(gateway, fixture("unknown-charset.eml"), sender="bob@client.example.com")
+    await send_message(gateway, fixture("unknown-charset.eml"), sender="bob@client.example.com")
     text = received(config, 1)[0]["text"]
     assert "au lait" in text and "\ufffd" in text
 
 
 async def test_encoded_word_subject_is_decoded(config: Config, gateway: Gateway) -> None:
-    await send(gateway, fixture("encoded-subject.eml"), sender="juergen@client.example.com")
+    await send_message(gateway, fixture("encoded-subject.eml"), sender="juergen@client.example.com")
     only = tickets(config)[0]
     assert only["subject"] == "Überweisung fehlgeschlagen à vérifier"
     assert only["requester"] == "juergen@client.example.com"
@@ -387,7 +367,7 @@ async def test_attachment_with_traversal_name_is_content_addressed(
     config: Config, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = set(tmp_path.rglob("*"))
-    await send(gateway, fixture("traversal-attachment.eml"))
+    await send_message(gateway, fixture("traversal-attachment.eml"))
     [attachment] = received(config, 1)[0]["attachments"]
     assert "/" not in attachment["name"] and ".." not in attachment["name"]
     assert attachment["name"].endswith("passwd")
@@ -403,8 +383,10 @@ async def test_attachment_with_traversal_name_is_content_addressed(
 
 async def test_tickets_cli_contract(config: Config, gateway: Gateway) -> None:
     await open_ticket(gateway)
-    await send(gateway, make_message(subject="Invoice question"), to="billing@example.org")
-    await send(gateway, fixture("auto-reply.eml", mid="<ooo@client.example.com>"))
+    await send_message(
+        gateway, make_message(subject="Invoice question"), recipients=("billing@example.org",)
+    )
+    await send_message(gateway, fixture("auto-reply.eml", mid="<ooo@client.example.com>"))
     set_status(config, 2, "open")
 
     result = await asyncio.to_thread(run_cli, config, "tickets", "list", "--json")
