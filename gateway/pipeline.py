@@ -25,6 +25,8 @@ from enum import StrEnum
 from functools import partial
 
 from . import authn, store
+from .actions import mail
+from .actions import tickets as ticket_actions
 from .address import match_mailbox, parse_sender
 from .bounce import DeliveryReport
 from .classify import Classification, Kind, OwnIdentity, classify
@@ -42,7 +44,6 @@ from .store import Filing, StoredAttachment, StoredMessage, StoreFull, TicketQue
 from .store.events import EventAction
 from .tickets import Kind as MessageKind
 from .tickets import (
-    Status,
     SubjectTag,
     ThreadFacts,
     Via,
@@ -64,9 +65,6 @@ _KIND_OF = {
     Kind.BOUNCE: MessageKind.BOUNCE,
     Kind.LOOP: MessageKind.AUTO_REPLY,
 }
-
-# A client writing again to a ticket that waits on them, or was solved, reopens it.
-_REOPENS = {Status.PENDING, Status.SOLVED}
 
 # RFC 5322 group syntax in From ("Undisclosed recipients: ;") names no mailbox.
 _GROUP_SYNTAX = re.compile(r":[^<>\"]*;")
@@ -575,13 +573,14 @@ def _tell_admins(
         # only (held mail is not counted, so the count stays at the threshold).
         if facts.sender and not found.loop_held_before:
             loop_context = {"sender": facts.sender, "count": threshold + 1, "threshold": threshold}
-            planner.tell_admins(
+            plan = planner.tell_admins(
                 conn,
                 MailKind.LOOP_NOTICE,
                 lambda: loop_context,
                 now,
                 about=f"sender:{facts.sender}",
             )
+            mail.write(conn, plan)
         return
 
     def quarantine_context() -> dict[str, object]:
@@ -599,7 +598,7 @@ def _tell_admins(
             "cli": f"gateway quarantine show {quarantine_id}",
         }
 
-    planner.tell_admins(
+    plan = planner.tell_admins(
         conn,
         MailKind.QUARANTINE_NOTICE,
         quarantine_context,
@@ -607,6 +606,7 @@ def _tell_admins(
         reasons=verdict.reasons,
         about=f"quarantine:{quarantine_id}",
     )
+    mail.write(conn, plan)
 
 
 @dataclass(frozen=True)
@@ -698,125 +698,46 @@ def file_message(
 
     decision = thread_message(intake.thread, queries)
     if decision.ticket is not None and intake.facts.staff:
-        return _file_staff_mail(
-            conn, intake, record, decision.ticket.number, decision.via, now, save
+        assert intake.planner is not None  # set by Pipeline.start() before any mail
+        wrote = ticket_actions.staff_wrote(
+            conn,
+            intake.planner,
+            ticket=decision.ticket.number,
+            text=(record.text or "").lstrip(),
+            staff=record.sender,
+            actor=record.sender or "<>",
+            now=now,
+            save=save,
+            via=decision.via,
+            released=intake.facts.released,
         )
+        return wrote.message, wrote.filing
     if decision.ticket is not None:
-        number = decision.ticket.number
-        reopen = decision.ticket.status in _REOPENS
-        store.update_ticket(conn, number, now=now, status=Status.OPEN if reopen else None)
-        if record.sender:
-            store.add_participant(conn, number, record.sender)
-        if reopen:
-            store.record_event(
-                conn,
-                time=now,
-                actor=actor,
-                action=EventAction.TICKET_REOPENED,
-                subject=f"ticket:{number}",
-                ticket=number,
-                detail={"from": decision.ticket.status.value, "to": Status.OPEN.value},
-            )
-        filing = Filing(number, intake.kind, decision.via)
+        ticket_actions.client_wrote(
+            conn, decision.ticket, sender=record.sender, actor=actor, now=now
+        )
+        filing = Filing(decision.ticket.number, intake.kind, decision.via)
         return save(filing), filing
 
     unit = store.organisation_unit(conn, organisation) if organisation else None
-    number = store.create_ticket(
+    opened = ticket_actions.open_ticket(
         conn,
         unit=unit or intake.mailbox.unit,
         mailbox=intake.mailbox.address,
         requester=record.sender or record.mail_from or "",
         subject=(record.subject or "").strip() or "(no subject)",
-        now=now,
+        organisation=organisation,
         follows=decision.follows,
-    )
-    if organisation is not None:
-        store.set_ticket_organisation(conn, number, organisation)
-    filing = Filing(number, intake.kind, decision.via)
-    row_id = save(filing)
-    store.record_event(
-        conn,
-        time=now,
+        via=decision.via,
+        kind=intake.kind,
+        save=save,
         actor=actor,
-        action=EventAction.TICKET_CREATED,
-        subject=f"ticket:{number}",
-        ticket=number,
-        detail={
-            "message": row_id,
-            "unit": unit or intake.mailbox.unit,
-            "follows": decision.follows,
-        },
+        now=now,
     )
     if intake.planner is not None:
-        why_not = intake.planner.acknowledge(conn, number, record, now, intake.references)
-        _withheld(conn, number, MailKind.ACKNOWLEDGEMENT, why_not, now)
-    return row_id, filing
-
-
-def _withheld(
-    conn: sqlite3.Connection, ticket: int, kind: MailKind, why_not: str | None, now: str
-) -> None:
-    """Audit a mail the guards kept back, with why (no-op when it was queued)."""
-    if why_not is not None:
-        store.record_event(
-            conn,
-            time=now,
-            actor="gateway",
-            action=EventAction.MAIL_WITHHELD,
-            subject=f"ticket:{ticket}",
-            ticket=ticket,
-            detail={"kind": kind.value, "why": why_not},
-        )
-
-
-def _file_staff_mail(
-    conn: sqlite3.Connection,
-    intake: Intake,
-    record: StoredMessage,
-    number: int,
-    via: Via,
-    now: str,
-    save: Callable[[Filing], int],
-) -> tuple[int, Filing]:
-    """Staff writing into a ticket: a public reply the client receives (and the ticket
-    then waits on them), or, with "#note" as its first line, an internal note.
-
-    Mail an admin released from the quarantine is always a note: it was held because
-    nothing proved a staff member wrote it, and a release vouches that it may be filed,
-    not that its text may go to the client in the desk's name. Staff send it on with
-    `gateway tickets reply` if it is theirs.
-    """
-    text = (record.text or "").lstrip()
-    if intake.facts.released or text.lower().startswith("#note"):
-        filing = Filing(number, MessageKind.NOTE, via)
-        store.update_ticket(conn, number, now=now)
-        row_id = save(filing)
-        store.record_event(
-            conn,
-            time=now,
-            actor=record.sender or "<>",
-            action=EventAction.TICKET_NOTED,
-            subject=f"ticket:{number}",
-            ticket=number,
-            detail={"message": row_id, "released": intake.facts.released},
-        )
-        return row_id, filing
-    filing = Filing(number, MessageKind.STAFF, via)
-    row_id = save(filing)
-    old = store.set_ticket_status(conn, number, Status.PENDING, now)
-    store.record_event(
-        conn,
-        time=now,
-        actor=record.sender or "<>",
-        action=EventAction.TICKET_REPLIED,
-        subject=f"ticket:{number}",
-        ticket=number,
-        detail={"message": row_id, "from_status": old, "to_status": Status.PENDING.value},
-    )
-    if intake.planner is not None:
-        why_not = intake.planner.staff_reply(conn, number, text, record.sender, now)
-        _withheld(conn, number, MailKind.STAFF_REPLY, why_not, now)
-    return row_id, filing
+        plan = intake.planner.acknowledge(conn, opened.ticket, record, now, intake.references)
+        mail.write(conn, plan)
+    return opened.message, Filing(opened.ticket, intake.kind, decision.via)
 
 
 def _event_ticket(conn: sqlite3.Connection, queries: TicketQueries, intake: Intake) -> EventTicket:

@@ -1,8 +1,9 @@
 """Held mail: what an admin can do with it (release, discard, block) and its expiry.
 
 Each action is one transaction with its audit event. A release files the message exactly
-as the intake path would have, had its sender been authorised. Nothing here ever mails the
-sender of held mail: the quarantine is invisible from outside.
+as the intake path would have, had its sender been authorised; authorising or blocking
+its sender is `actions.senders`' authorise and block, as from the CLI. Nothing here ever
+mails the sender of held mail: the quarantine is invisible from outside.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import store
-from .clock import iso
-from .config import Config
-from .inbound import InboundMessage
-from .lookalike import skeleton
-from .notify import Planner
-from .parserpool import ParserPool, parse_limits
-from .pipeline import (
+from .. import store
+from ..clock import iso
+from ..config import Config
+from ..inbound import InboundMessage
+from ..lookalike import skeleton
+from ..notify import Planner
+from ..parserpool import ParserPool, parse_limits
+from ..pipeline import (
     _KIND_OF,
     Envelope,
     Intake,
@@ -31,14 +32,12 @@ from .pipeline import (
     sender_identity,
     thread_facts,
 )
-from .policy import Disposition, PolicyFacts, decide
-from .render import Templates
-from .store.events import EventAction
-from .tickets import SubjectTag
-
-
-class QuarantineError(Exception):
-    """An action cannot be done; the message says why (for the CLI)."""
+from ..policy import Disposition, PolicyFacts, decide
+from ..render import Templates
+from ..store.events import EventAction
+from ..tickets import SubjectTag
+from . import senders
+from .errors import ActionError
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,9 @@ def parse_held(config: Config, raw: bytes) -> InboundMessage:
 def _held(conn: sqlite3.Connection, quarantine_id: int) -> dict[str, Any]:
     row = store.held_message(conn, quarantine_id)
     if row is None:
-        raise QuarantineError(f"no quarantine entry {quarantine_id}")
+        raise ActionError(f"no quarantine entry {quarantine_id}")
     if row["status"] != "held":
-        raise QuarantineError(f"quarantine entry {quarantine_id} is already {row['status']}")
+        raise ActionError(f"quarantine entry {quarantine_id} is already {row['status']}")
     return row
 
 
@@ -78,7 +77,7 @@ def release(
     quarantine_id: int,
     *,
     actor: str,
-    now: datetime,
+    now: str,
     authorise: bool = False,
     reason: str | None = None,
 ) -> Released:
@@ -87,7 +86,7 @@ def release(
     with store.write_transaction(conn):
         raw = bytes(_held(conn, quarantine_id)["raw"])
     parsed = parse_held(config, raw)
-    stamp = iso(now)
+    stamp = now
     with store.write_transaction(conn):
         row = _held(conn, quarantine_id)
         record = store.stored_message_from_row(row)
@@ -95,10 +94,12 @@ def release(
         added = None
         organisation = None
         if authorise:
-            organisation, added = _authorise(conn, sender, actor=actor, now=stamp, reason=reason)
+            organisation, added = _authorise(
+                config, conn, sender, actor=actor, now=stamp, reason=reason
+            )
         found = store.sender_record(conn, sender) if sender else None
         if found is not None and found.blocked:
-            raise QuarantineError(f"{sender} is blocked; unblock it before releasing its mail")
+            raise ActionError(f"{sender} is blocked; unblock it before releasing its mail")
         if organisation is None and found is not None and found.authorised:
             organisation = found.organisation
         envelope = Envelope(record.mail_from, record.rcpt_to, record.peer, record.helo)
@@ -122,7 +123,7 @@ def release(
         decision = decide(facts)
         secret = store.token_secret(conn)
         if decision.disposition is not Disposition.FILE:
-            raise QuarantineError(f"cannot release: {decision.reason}")
+            raise ActionError(f"cannot release: {decision.reason}")
         intake = Intake(
             record=record,
             thread=thread_facts(
@@ -164,29 +165,39 @@ def release(
 
 
 def _authorise(
-    conn: sqlite3.Connection, sender: str | None, *, actor: str, now: str, reason: str | None
+    config: Config,
+    conn: sqlite3.Connection,
+    sender: str | None,
+    *,
+    actor: str,
+    now: str,
+    reason: str | None,
 ) -> tuple[int, str]:
+    """Authorise held mail's sender for the organisation that owns its domain."""
     if not sender:
-        raise QuarantineError("the message has no usable From address to authorise")
+        raise ActionError("the message has no usable From address to authorise")
     domain = sender.rpartition("@")[2]
     organisation = store.organisation_for_domain(conn, domain)
     if organisation is None:
-        raise QuarantineError(
+        raise ActionError(
             f"no organisation has the domain {domain}: add it to one "
             f"(gateway orgs add NAME --domain {domain}) or use `gateway senders add`"
         )
-    existing = store.find_sender(conn, sender)
-    if existing is not None and existing.blocked:
-        raise QuarantineError(f"{sender} is blocked; unblock it before authorising it")
-    store.upsert_sender(conn, address=sender, organisation=organisation.id, name=None, now=now)
-    store.record_event(
-        conn,
-        time=now,
-        actor=actor,
-        action=EventAction.SENDER_ADDED,
-        subject=f"sender:{sender}",
-        detail={"organisation": organisation.name, "via": "quarantine release", "reason": reason},
-    )
+    try:
+        senders.authorise(
+            conn,
+            address=sender,
+            org=organisation,
+            name=None,
+            keep_name=True,
+            mailboxes=config.mailboxes,
+            source=senders.Source("quarantine release"),
+            actor=actor,
+            now=now,
+            reason=reason,
+        )
+    except senders.Blocked:
+        raise ActionError(f"{sender} is blocked; unblock it before authorising it") from None
     return organisation.id, sender
 
 
@@ -195,31 +206,29 @@ def discard(
     quarantine_id: int,
     *,
     actor: str,
-    now: datetime,
+    now: str,
     reason: str | None = None,
     block: bool = False,
 ) -> str | None:
     """Discard held mail (its bytes stay stored for audit); with block, block its sender."""
-    stamp = iso(now)
     with store.write_transaction(conn):
         row = _held(conn, quarantine_id)
         sender = row["sender"]
         if block:
             if not isinstance(sender, str) or not sender:
-                raise QuarantineError("the message has no usable From address to block")
-            store.block_sender(conn, sender, now=stamp)
-            store.record_event(
+                raise ActionError("the message has no usable From address to block")
+            senders.block(
                 conn,
-                time=stamp,
+                address=sender,
+                via=f"quarantine:{quarantine_id}",
                 actor=actor,
-                action=EventAction.SENDER_BLOCKED,
-                subject=f"sender:{sender}",
-                detail={"via": f"quarantine:{quarantine_id}", "reason": reason},
+                now=now,
+                reason=reason,
             )
-        store.decide_held(conn, quarantine_id, status="discarded", actor=actor, now=stamp)
+        store.decide_held(conn, quarantine_id, status="discarded", actor=actor, now=now)
         store.record_event(
             conn,
-            time=stamp,
+            time=now,
             actor=actor,
             action=EventAction.QUARANTINE_DISCARDED,
             subject=f"quarantine:{quarantine_id}",
