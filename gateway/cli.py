@@ -22,6 +22,7 @@ from typing import Any
 
 from . import __version__, store
 from .actions import ActionError
+from .actions import outbox as outbox_actions
 from .actions import quarantine as quarantine_actions
 from .actions import senders as sender_actions
 from .actions import tickets as ticket_actions
@@ -32,7 +33,6 @@ from .config import Config, ConfigError, config_path, config_warnings, load_conf
 from .model import MessageKind
 from .notify import Planner
 from .render import TemplateError, Templates
-from .store.events import EventAction
 from .tickets import Status
 
 # A user-facing error: printed as `gateway: <message>`, exit 1 (an action's error is one).
@@ -521,29 +521,7 @@ def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
 def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        row = store.find_outbox(conn, args.id)
-        if row is None:
-            raise CliError(f"no outbox row {args.id}")
-        if row["status"] == "sent":
-            raise CliError(f"outbox row {args.id} was already sent")
-        store.retry_outbox(conn, args.id, now=now)
-        detail: dict[str, Any] = {
-            "to": row["to"],
-            "status": row["status"],
-            "attempts": row["attempts"],
-            "last_error": row["last_error"],
-        }
-        if args.reason:
-            detail["reason"] = args.reason
-        store.record_event(
-            conn,
-            time=now,
-            actor=cli_actor(),
-            action=EventAction.OUTBOX_RETRIED,
-            subject=f"outbox:{args.id}",
-            ticket=row["ticket"],
-            detail=detail,
-        )
+        row = outbox_actions.retry(conn, args.id, actor=cli_actor(), now=now, reason=args.reason)
     print(f"outbox row {args.id} to {row['to']} is due now: the daemon sends it at its next poll")
     return 0
 

@@ -12,32 +12,60 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from .. import store
 from ..clock import iso
 from ..config import Config
 from ..inbound import InboundMessage
-from ..lookalike import skeleton
 from ..notify import Planner
 from ..parserpool import ParserPool, parse_limits
-from ..pipeline import (
-    _KIND_OF,
-    Envelope,
-    Intake,
-    classify_message,
-    file_message,
-    mailbox_of,
-    own_identity,
-    sender_identity,
-    thread_facts,
-)
-from ..policy import Disposition, PolicyFacts, decide
+from ..policy import Disposition, decide
 from ..render import Templates
 from ..store.events import EventAction
-from ..tickets import SubjectTag
 from . import senders
 from .errors import ActionError
+from .intake import (
+    classify_message,
+    file_message,
+    intake_of,
+    look_up,
+    own_identity,
+    sender_identity,
+)
+
+
+class QuarantineReleased(TypedDict):
+    message: int
+    ticket: int | None
+    authorised: str | None  # the sender added to an organisation, if --authorise
+    reason: str | None
+
+
+def detail_quarantine_released(
+    message: int, ticket: int | None, authorised: str | None, reason: str | None
+) -> QuarantineReleased:
+    return {"message": message, "ticket": ticket, "authorised": authorised, "reason": reason}
+
+
+class QuarantineDiscarded(TypedDict):
+    message: int
+    blocked: str | None  # the sender blocked with it
+    reason: str | None
+
+
+def detail_quarantine_discarded(
+    message: int, blocked: str | None, reason: str | None
+) -> QuarantineDiscarded:
+    return {"message": message, "blocked": blocked, "reason": reason}
+
+
+class QuarantineExpired(TypedDict):
+    after_days: int
+
+
+def detail_quarantine_expired(days: int) -> QuarantineExpired:
+    return {"after_days": days}
 
 
 @dataclass(frozen=True)
@@ -86,80 +114,54 @@ def release(
     with store.write_transaction(conn):
         raw = bytes(_held(conn, quarantine_id)["raw"])
     parsed = parse_held(config, raw)
-    stamp = now
     with store.write_transaction(conn):
         row = _held(conn, quarantine_id)
         record = store.stored_message_from_row(row)
         sender, from_problem = sender_identity(parsed)
         added = None
-        organisation = None
         if authorise:
-            organisation, added = _authorise(
-                config, conn, sender, actor=actor, now=stamp, reason=reason
-            )
-        found = store.sender_record(conn, sender) if sender else None
-        if found is not None and found.blocked:
-            raise ActionError(f"{sender} is blocked; unblock it before releasing its mail")
-        if organisation is None and found is not None and found.authorised:
-            organisation = found.organisation
-        envelope = Envelope(record.mail_from, record.rcpt_to, record.peer, record.helo)
-        verdict = classify_message(parsed, record.mail_from, own_identity(config))
-        facts = PolicyFacts(
-            sender=sender,
-            from_problem=from_problem,
-            malformed=parsed.malformed,
-            classification=verdict.kind,
-            loop_reason=None,
-            blocked=False,
-            authorised=organisation is not None,
-            staff=config.is_staff(sender),
-            forged=None,
-            auth_temperror=False,
-            lookalike_of=None,
-            known_ticket=False,
-            released=True,
-            unknown_sender=config.policy.unknown_sender,
-        )
-        decision = decide(facts)
+            added = _authorise(config, conn, sender, actor=actor, now=now, reason=reason)
         secret = store.token_secret(conn)
+        # What intake would have filed it with, had the admin's word been there then.
+        classification = classify_message(parsed, record.mail_from, own_identity(config))
+        intake = intake_of(
+            config,
+            secret,
+            record,
+            parsed,
+            classification,
+            sender,
+            from_problem,
+            None,
+            released=True,
+        )
+        found = look_up(conn, intake, config.policy)
+        if found.facts.blocked:
+            raise ActionError(f"{sender} is blocked; unblock it before releasing its mail")
+        decision = decide(found.facts)
         if decision.disposition is not Disposition.FILE:
             raise ActionError(f"cannot release: {decision.reason}")
-        intake = Intake(
-            record=record,
-            thread=thread_facts(
-                config,
-                secret,
-                SubjectTag(config.tickets.tag),
-                envelope,
-                parsed,
-                sender,
-            ),
-            kind=_KIND_OF[verdict.kind],
-            report=parsed.report,
-            mailbox=mailbox_of(config, envelope),
-            planner=Planner(config, Templates(config.templates_path), secret),
-            references=parsed.references,
-            facts=facts,
-            skeleton=skeleton(sender) if sender else None,
-        )
+        planner = Planner(config, Templates(config.templates_path), secret)
         message_id = int(row["id"])
         _, filing = file_message(
-            conn, intake, record, organisation=organisation, row=message_id, now=stamp
+            conn,
+            intake,
+            record,
+            planner,
+            organisation=found.organisation,
+            row=message_id,
+            now=now,
+            event=found.event,
         )
-        store.decide_held(conn, quarantine_id, status="released", actor=actor, now=stamp)
+        store.decide_held(conn, quarantine_id, status="released", actor=actor, now=now)
         store.record_event(
             conn,
-            time=stamp,
+            time=now,
             actor=actor,
             action=EventAction.QUARANTINE_RELEASED,
             subject=f"quarantine:{quarantine_id}",
             ticket=filing.ticket,
-            detail={
-                "message": message_id,
-                "ticket": filing.ticket,
-                "authorised": added,
-                "reason": reason,
-            },
+            detail=dict(detail_quarantine_released(message_id, filing.ticket, added, reason)),
         )
     return Released(quarantine_id, message_id, filing.ticket, added)
 
@@ -172,7 +174,7 @@ def _authorise(
     actor: str,
     now: str,
     reason: str | None,
-) -> tuple[int, str]:
+) -> str:
     """Authorise held mail's sender for the organisation that owns its domain."""
     if not sender:
         raise ActionError("the message has no usable From address to authorise")
@@ -198,7 +200,7 @@ def _authorise(
         )
     except senders.Blocked:
         raise ActionError(f"{sender} is blocked; unblock it before authorising it") from None
-    return organisation.id, sender
+    return sender
 
 
 def discard(
@@ -232,7 +234,7 @@ def discard(
             actor=actor,
             action=EventAction.QUARANTINE_DISCARDED,
             subject=f"quarantine:{quarantine_id}",
-            detail={"message": row["id"], "blocked": sender if block else None, "reason": reason},
+            detail=dict(detail_quarantine_discarded(row["id"], sender if block else None, reason)),
         )
     return sender if block and isinstance(sender, str) else None
 
@@ -249,6 +251,6 @@ def expire(conn: sqlite3.Connection, *, days: int, now: datetime) -> list[int]:
             actor="gateway",
             action=EventAction.QUARANTINE_EXPIRED,
             subject=f"quarantine:{quarantine_id}",
-            detail={"after_days": days},
+            detail=dict(detail_quarantine_expired(days)),
         )
     return expired
