@@ -17,24 +17,26 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
 from . import __version__, store
-from .address import is_our_domain, match_mailbox, parse_sender
+from .actions import ActionError
+from .actions import outbox as outbox_actions
+from .actions import quarantine as quarantine_actions
+from .actions import senders as sender_actions
+from .actions import tickets as ticket_actions
+from .actions.senders import printable, valid_address, valid_domain
+from .address import parse_sender
 from .clock import Clock
 from .config import Config, ConfigError, config_path, config_warnings, load_config
+from .model import MessageKind
 from .notify import Planner
 from .render import TemplateError, Templates
-from .store.events import EventAction
 from .tickets import Status
 
-
-class CliError(Exception):
-    """A user-facing error: printed as `gateway: <message>`, exit 1."""
+# A user-facing error: printed as `gateway: <message>`, exit 1 (an action's error is one).
+CliError = ActionError
 
 
 def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> int:
@@ -278,56 +280,41 @@ def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
     body = sys.stdin.read().strip()
     if not body:
         raise CliError("the reply is empty: write it on standard input")
-    note = body.lower().startswith("#note")
     with closing(open_db(config)) as conn, store.write_transaction(conn):
-        if store.ticket_mail_info(conn, args.number) is None:
-            raise CliError(f"no ticket #{args.number}")
-        planner = _planner(config, conn)
-        now = _clock(args).stamp()
-        actor = cli_actor()
-        if note:
-            store.add_note(conn, args.number, text=body, author=sender, now=now)
-            print(f"note added to #{args.number}")
-            return 0
-        why_not = planner.staff_reply(conn, args.number, body, sender, now)
-        if why_not is not None:
-            raise CliError(f"cannot send the reply to #{args.number}: {why_not}")
-        status = args.status or Status.PENDING.value
-        old = store.set_ticket_status(conn, args.number, status, now)
-        store.record_event(
+        wrote = ticket_actions.staff_wrote(
             conn,
-            time=now,
-            actor=actor,
-            action=EventAction.TICKET_REPLIED,
-            subject=f"ticket:{args.number}",
+            _planner(config, conn),
             ticket=args.number,
-            detail={"from": sender, "from_status": old, "to_status": status},
+            text=body,
+            staff=sender,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+            status=args.status or Status.PENDING.value,
         )
-    print(f"reply to #{args.number} queued; status {status}")
+    if wrote.kind is MessageKind.NOTE:
+        print(f"note added to #{args.number}")
+    else:
+        print(f"reply to #{args.number} queued; status {wrote.status}")
     return 0
 
 
 def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
     with closing(open_db(config)) as conn, store.write_transaction(conn):
-        now = _clock(args).stamp()
-        old = store.set_ticket_status(conn, args.number, args.status, now)
-        if old is None:
-            raise CliError(f"no ticket #{args.number}")
-        if old == args.status:
-            print(f"#{args.number} is already {args.status}")
-            return 0
-        store.record_event(
+        changed = ticket_actions.set_status(
             conn,
-            time=now,
-            actor=cli_actor(),
-            action=EventAction.TICKET_STATUS,
-            subject=f"ticket:{args.number}",
+            _planner(config, conn),
             ticket=args.number,
-            detail={"from": old, "to": args.status, "reason": args.reason},
+            status=args.status,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+            reason=args.reason,
         )
-        why_not = _planner(config, conn).status_change(conn, args.number, old, args.status, now)
+    if not changed.changed:
+        print(f"#{args.number} is already {args.status}")
+        return 0
+    why_not = changed.why_not
     told = "the client is told" if why_not is None else f"no mail to the client ({why_not})"
-    print(f"#{args.number}: {old} -> {args.status}; {told}")
+    print(f"#{args.number}: {changed.old} -> {args.status}; {told}")
     return 0
 
 
@@ -422,13 +409,11 @@ def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
-    from .quarantine import parse_held
-
     with closing(open_db(config)) as conn:
         row = store.held_message(conn, args.id)
     if row is None:
         raise CliError(f"no quarantine entry {args.id}")
-    parsed = parse_held(config, bytes(row["raw"]))
+    parsed = quarantine_actions.parse_held(config, bytes(row["raw"]))
     print(f"quarantine {row['quarantine_id']} ({row['status']}), held {row['held_at'][:19]}")
     print(f"reasons:   {', '.join(json.loads(row['held_reasons']))}")
     print(f"envelope:  from <{row['mail_from']}> to {', '.join(json.loads(row['rcpt_to']))}")
@@ -443,21 +428,16 @@ def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_release(config: Config, args: argparse.Namespace) -> int:
-    from .quarantine import QuarantineError, release
-
     with closing(open_db(config)) as conn:
-        try:
-            released = release(
-                config,
-                conn,
-                args.id,
-                actor=cli_actor(),
-                now=_clock(args).now(),
-                authorise=args.authorise,
-                reason=args.reason,
-            )
-        except QuarantineError as exc:
-            raise CliError(str(exc)) from None
+        released = quarantine_actions.release(
+            config,
+            conn,
+            args.id,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+            authorise=args.authorise,
+            reason=args.reason,
+        )
     if released.authorised:
         print(f"authorised {released.authorised}")
     where = f"ticket #{released.ticket}" if released.ticket else "no ticket"
@@ -466,20 +446,15 @@ def cmd_quarantine_release(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_discard(config: Config, args: argparse.Namespace) -> int:
-    from .quarantine import QuarantineError, discard
-
     with closing(open_db(config)) as conn:
-        try:
-            blocked = discard(
-                conn,
-                args.id,
-                actor=cli_actor(),
-                now=_clock(args).now(),
-                reason=args.reason,
-                block=args.block,
-            )
-        except QuarantineError as exc:
-            raise CliError(str(exc)) from None
+        blocked = quarantine_actions.discard(
+            conn,
+            args.id,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+            reason=args.reason,
+            block=args.block,
+        )
     if blocked:
         print(f"blocked {blocked}")
     print(f"discarded quarantine entry {args.id}")
@@ -546,35 +521,9 @@ def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
 def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        row = store.find_outbox(conn, args.id)
-        if row is None:
-            raise CliError(f"no outbox row {args.id}")
-        if row["status"] == "sent":
-            raise CliError(f"outbox row {args.id} was already sent")
-        store.retry_outbox(conn, args.id, now=now)
-        detail: dict[str, Any] = {
-            "to": row["to"],
-            "status": row["status"],
-            "attempts": row["attempts"],
-            "last_error": row["last_error"],
-        }
-        if args.reason:
-            detail["reason"] = args.reason
-        store.record_event(
-            conn,
-            time=now,
-            actor=cli_actor(),
-            action=EventAction.OUTBOX_RETRIED,
-            subject=f"outbox:{args.id}",
-            ticket=row["ticket"],
-            detail=detail,
-        )
+        row = outbox_actions.retry(conn, args.id, actor=cli_actor(), now=now, reason=args.reason)
     print(f"outbox row {args.id} to {row['to']} is due now: the daemon sends it at its next poll")
     return 0
-
-
-def printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "\N{REPLACEMENT CHARACTER}" for c in text)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -602,7 +551,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 # sender list for each message, so a committed change applies to the next message.
 
 # The header of `senders import` and `senders export` files.
-SENDERS_CSV_HEADER = ("address", "org", "name")
+SENDERS_CSV_HEADER = sender_actions.CSV_FIELDS
 # Bad rows `senders import` names before giving up on a file.
 _MAX_IMPORT_ERRORS = 50
 # Events the table shows when no --limit is given (--json shows all).
@@ -718,113 +667,6 @@ def _admin_db(config: Config, *, write: bool = False) -> Iterator[sqlite3.Connec
         ) from None
 
 
-def _record(
-    conn: sqlite3.Connection,
-    args: argparse.Namespace,
-    *,
-    now: str,
-    action: EventAction,
-    subject: str,
-    detail: dict[str, Any],
-) -> None:
-    if args.reason:
-        detail = {**detail, "reason": args.reason}
-    store.record_event(
-        conn, time=now, actor=cli_actor(), action=action, subject=subject, detail=detail
-    )
-
-
-def valid_address(text: str) -> str:
-    """An address as senders are stored: valid, lower-case, IDNA (A-label) domain."""
-    try:
-        valid = validate_email(text.strip(), check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise CliError(f"invalid address '{text}': {exc}") from None
-    return f"{valid.local_part.lower()}@{valid.ascii_domain.lower()}"
-
-
-def valid_domain(text: str) -> str:
-    """A mail domain as stored: lower-case A-label (a leading "@" is allowed)."""
-    candidate = text.strip().removeprefix("@")
-    try:
-        valid = validate_email(f"postmaster@{candidate}", check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise CliError(f"invalid domain '{text}': {exc}") from None
-    return valid.ascii_domain.lower()
-
-
-def _org_name(text: str) -> str:
-    name = text.strip()
-    if not name:
-        raise CliError("the organisation name is empty")
-    if not name.isprintable() or len(name) > 200:
-        raise CliError(f"invalid organisation name '{printable(name)}': printable, 200 at most")
-    return name
-
-
-def _display_name(text: str | None) -> str | None:
-    # Line breaks and tabs (a spreadsheet cell's, say) become single spaces.
-    name = " ".join((text or "").split())
-    if not name:
-        return None
-    if not name.isprintable():
-        raise CliError(f"invalid name '{printable(name)}': control characters")
-    return name
-
-
-def _unit(config: Config, text: str) -> str | None:
-    if not text.strip():
-        return None
-    units = sorted({m.unit for m in config.mailboxes})
-    if text.strip() not in units:
-        raise CliError(f"unknown unit '{text}' (the mailboxes' units: {', '.join(units)})")
-    return text.strip()
-
-
-def _check_not_ours(config: Config, domain: str) -> None:
-    if is_our_domain(f"x@{domain}", config.mailboxes) or domain in config.staff.domains:
-        raise CliError(f"domain '{domain}' is one of our own (a mailbox or staff domain)")
-
-
-def _find_org(conn: sqlite3.Connection, name: str) -> store.Organisation:
-    org = store.find_organisation(conn, name.strip())
-    if org is None:
-        raise CliError(f"no organisation '{name}'")
-    return org
-
-
-def _sender_key(address: str | None, domain: str | None, *, at_domain: bool = False) -> str:
-    """The senders row an ADDRESS or --domain argument names ("@domain" for a domain).
-
-    Only with `at_domain` does an ADDRESS "@domain" name a domain: authorising a whole
-    domain must always be asked for by name (--domain).
-    """
-    if (address is None) == (domain is None):
-        raise CliError("give either an ADDRESS or --domain DOMAIN")
-    if domain is not None:
-        return "@" + valid_domain(domain)
-    assert address is not None
-    if at_domain and address.strip().startswith("@"):
-        return "@" + valid_domain(address)
-    return valid_address(address)
-
-
-def _check_domain_grant(
-    conn: sqlite3.Connection, address: str, org: store.Organisation
-) -> str | None:
-    """Why `org` may not be granted this "@domain", or None if it may."""
-    domain = address[1:]
-    if domain in org.domains:
-        return None
-    owner = store.organisation_for_domain(conn, domain)
-    if owner is not None:
-        return f"domain '{domain}' belongs to organisation '{owner.name}', not '{org.name}'"
-    return (
-        f"domain '{domain}' is not one of {org.name}'s domains "
-        f"(add it first: gateway orgs update '{org.name}' --add-domain {domain})"
-    )
-
-
 def _domain_grant_warning(address: str, org: str) -> None:
     print(
         f"gateway: warning: every address at {address[1:]} is now authorised for {org}",
@@ -843,32 +685,28 @@ def _org_json(org: store.Organisation) -> dict[str, Any]:
     }
 
 
-def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
-    name = _org_name(args.name)
-    domains = list(dict.fromkeys(valid_domain(d) for d in args.domain))
+def _our_domains(config: Config, domains: list[str]) -> None:
     for domain in domains:
-        _check_not_ours(config, domain)
-    unit = _unit(config, args.unit) if args.unit is not None else None
+        sender_actions.check_not_ours(config.mailboxes, config.staff.domains, domain)
+
+
+def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
+    name = sender_actions.org_name(args.name)
+    domains = list(dict.fromkeys(valid_domain(d) for d in args.domain))
+    _our_domains(config, domains)
+    unit = sender_actions.unit(config.mailboxes, args.unit) if args.unit is not None else None
     manager = valid_address(args.account_manager) if args.account_manager else None
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        existing = store.find_organisation(conn, name)
-        if existing is not None:
-            raise CliError(f"organisation '{existing.name}' exists")
-        for domain in domains:
-            owner = store.organisation_for_domain(conn, domain)
-            if owner is not None:
-                raise CliError(f"domain '{domain}' belongs to organisation '{owner.name}'")
-        store.add_organisation(
-            conn, name=name, domains=domains, unit=unit, account_manager=manager, now=now
-        )
-        _record(
+        sender_actions.add_org(
             conn,
-            args,
+            name=name,
+            domains=domains,
+            unit=unit,
+            account_manager=manager,
+            actor=cli_actor(),
             now=now,
-            action=EventAction.ORG_ADDED,
-            subject=f"org:{name}",
-            detail={"domains": domains, "unit": unit, "account_manager": manager},
+            reason=args.reason,
         )
     print(f"added organisation {name} (domains: {', '.join(domains) or 'none'})")
     return 0
@@ -900,52 +738,24 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
         )
     added = list(dict.fromkeys(valid_domain(d) for d in args.add_domain))
     removed = list(dict.fromkeys(valid_domain(d) for d in args.remove_domain))
-    for domain in added:
-        _check_not_ours(config, domain)
+    _our_domains(config, added)
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        org = _find_org(conn, args.name)
-        changes: dict[str, Any] = {}
-        for domain in added:
-            owner = store.organisation_for_domain(conn, domain)
-            if owner is not None and owner.id == org.id:
-                raise CliError(f"domain '{domain}' is already one of {org.name}'s domains")
-            if owner is not None:
-                raise CliError(f"domain '{domain}' belongs to organisation '{owner.name}'")
-            store.add_org_domain(conn, org.id, domain)
-        for domain in removed:
-            if store.find_sender(conn, f"@{domain}") is not None:
-                raise CliError(
-                    f"every address at {domain} is authorised: "
-                    f"`gateway senders remove --domain {domain}` first"
-                )
-            if not store.remove_org_domain(conn, org.id, domain):
-                raise CliError(f"domain '{domain}' is not one of {org.name}'s domains")
-        if added:
-            changes["domains_added"] = added
-        if removed:
-            changes["domains_removed"] = removed
-        unit, manager = org.unit, org.account_manager
-        if args.unit is not None:
-            unit = _unit(config, args.unit)
-        if args.account_manager is not None:
-            manager = valid_address(args.account_manager) if args.account_manager else None
-        if unit != org.unit:
-            changes["unit"] = {"from": org.unit, "to": unit}
-        if manager != org.account_manager:
-            changes["account_manager"] = {"from": org.account_manager, "to": manager}
-        if not changes:
-            print(f"organisation {org.name} unchanged")
-            return 0
-        store.update_organisation(conn, org.id, unit=unit, account_manager=manager)
-        _record(
+        org, changes = sender_actions.update_org(
             conn,
-            args,
+            name=args.name,
+            add_domains=added,
+            remove_domains=removed,
+            mailboxes=config.mailboxes,
+            unit_text=args.unit,
+            account_manager_text=args.account_manager,
+            actor=cli_actor(),
             now=now,
-            action=EventAction.ORG_UPDATED,
-            subject=f"org:{org.name}",
-            detail=changes,
+            reason=args.reason,
         )
+    if not changes:
+        print(f"organisation {org.name} unchanged")
+        return 0
     print(f"updated organisation {org.name}: {', '.join(changes)}")
     return 0
 
@@ -953,67 +763,39 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
 def cmd_orgs_remove(config: Config, args: argparse.Namespace) -> int:
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        org = _find_org(conn, args.name)
-        tickets = store.count_organisation_tickets(conn, org.id)
-        if tickets:
-            raise CliError(
-                f"organisation '{org.name}' has {tickets} ticket(s) and cannot be removed"
-            )
-        removed = store.remove_organisation(conn, org.id)
-        for address in removed:
-            _record(
-                conn,
-                args,
-                now=now,
-                action=EventAction.SENDER_REMOVED,
-                subject=f"sender:{address}",
-                detail={"organisation": org.name, "via": "orgs remove"},
-            )
-        _record(
-            conn,
-            args,
-            now=now,
-            action=EventAction.ORG_REMOVED,
-            subject=f"org:{org.name}",
-            detail={"domains": list(org.domains), "senders_removed": removed},
+        org, removed = sender_actions.remove_org(
+            conn, name=args.name, actor=cli_actor(), now=now, reason=args.reason
         )
     print(f"removed organisation {org.name} and {len(removed)} authorised sender(s)")
     return 0
 
 
 def cmd_senders_add(config: Config, args: argparse.Namespace) -> int:
-    address = _sender_key(args.address, args.domain)
-    if not address.startswith("@") and match_mailbox(address, config.mailboxes) is not None:
-        raise CliError(f"{address} is one of our own mailboxes")
-    name = _display_name(args.name)
+    address = sender_actions.sender_key(args.address, args.domain)
+    sender_actions.check_not_own_mailbox(config.mailboxes, address)
+    name = sender_actions.display_name(args.name)
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        org = _find_org(conn, args.org)
-        if address.startswith("@"):
-            problem = _check_domain_grant(conn, address, org)
-            if problem is not None:
-                raise CliError(problem)
-        existing = store.find_sender(conn, address)
-        if existing is not None and existing.blocked:
-            raise CliError(f"{address} is blocked; `gateway senders remove {address}` it first")
-        if existing is not None and args.name is None:
-            name = existing.name
-        if existing is not None and (existing.organisation, existing.name) == (org.name, name):
-            print(f"{address} is already authorised for {org.name}; nothing changed")
-            return 0
-        store.upsert_sender(conn, address=address, organisation=org.id, name=name, now=now)
-        if existing is None:
-            action, verb = EventAction.SENDER_ADDED, "authorised"
-            detail: dict[str, Any] = {"organisation": org.name, "name": name}
-        else:
-            action, verb = EventAction.SENDER_UPDATED, "updated"
-            detail = _sender_changes(existing, org.name, name)
-        if address.startswith("@"):
-            detail["domain"] = True
-        _record(conn, args, now=now, action=action, subject=f"sender:{address}", detail=detail)
+        org = sender_actions.find_org(conn, args.org)
+        state, name = sender_actions.authorise(
+            conn,
+            address=address,
+            org=org,
+            name=name,
+            keep_name=args.name is None,
+            mailboxes=config.mailboxes,
+            source=sender_actions.Source("senders add"),
+            actor=cli_actor(),
+            now=now,
+            reason=args.reason,
+        )
         owner = None
         if not address.startswith("@"):
             owner = store.organisation_for_domain(conn, address.rpartition("@")[2])
+    if state is sender_actions.Authorised.UNCHANGED:
+        print(f"{address} is already authorised for {org.name}; nothing changed")
+        return 0
+    verb = "authorised" if state is sender_actions.Authorised.ADDED else "updated"
     print(f"{verb} {address} for {org.name}" + (f" ({name})" if name else ""))
     if address.startswith("@"):
         _domain_grant_warning(address, org.name)
@@ -1026,40 +808,16 @@ def cmd_senders_add(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sender_changes(old: store.SenderEntry, org: str, name: str | None) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    if old.organisation != org:
-        changes["organisation"] = {"from": old.organisation, "to": org}
-    if old.name != name:
-        changes["name"] = {"from": old.name, "to": name}
-    return changes
-
-
 def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        try:
-            address = _sender_key(args.address, args.domain, at_domain=True)
-        except CliError:
-            # A row stored under rules that have since changed must stay removable.
-            raw = (args.address or "").strip().lower()
-            if not raw or args.domain is not None or store.find_sender(conn, raw) is None:
-                raise
-            address = raw
-        existing = store.find_sender(conn, address)
-        if existing is None or not store.remove_sender(conn, address):
-            raise CliError(f"no sender '{address}'")
-        _record(
+        address, existing = sender_actions.remove(
             conn,
-            args,
+            address=args.address,
+            domain=args.domain,
+            actor=cli_actor(),
             now=now,
-            action=EventAction.SENDER_REMOVED,
-            subject=f"sender:{address}",
-            detail={
-                "organisation": existing.organisation,
-                "name": existing.name,
-                "blocked": existing.blocked,
-            },
+            reason=args.reason,
         )
     was = "blocked" if existing.blocked else "authorised"
     if existing.organisation:
@@ -1072,22 +830,17 @@ def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
     address = valid_address(args.address)
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
-        existing = store.find_sender(conn, address)
-        if existing is not None and existing.blocked:
-            print(f"{address} is already blocked; nothing changed")
-            return 0
-        store.block_sender(conn, address, now=now)
-        _record(
+        blocked = sender_actions.block(
             conn,
-            args,
+            address=address,
+            via="senders block",
+            actor=cli_actor(),
             now=now,
-            action=EventAction.SENDER_BLOCKED,
-            subject=f"sender:{address}",
-            detail={
-                "organisation": existing.organisation if existing else None,
-                "was": "authorised" if existing else "unknown",
-            },
+            reason=args.reason,
         )
+    if not blocked:
+        print(f"{address} is already blocked; nothing changed")
+        return 0
     print(f"blocked {address}: all its mail is refused")
     return 0
 
@@ -1104,7 +857,7 @@ def _sender_json(sender: store.SenderEntry) -> dict[str, Any]:
 
 def cmd_senders_list(config: Config, args: argparse.Namespace) -> int:
     with _admin_db(config) as conn:
-        org_id = _find_org(conn, args.org).id if args.org is not None else None
+        org_id = sender_actions.find_org(conn, args.org).id if args.org is not None else None
         senders = store.list_senders(conn, organisation=org_id)
     if args.json:
         _print_json([_sender_json(s) for s in senders])
@@ -1125,23 +878,15 @@ def cmd_senders_list(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class _ImportRow:
-    line: int  # physical line in the file, the header being line 1
-    address: str  # normalised, or "@domain"
-    org: str
-    name: str | None
-
-
 def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
     label, records = _read_csv(args.file)
     errors: list[tuple[int, str]] = []
-    rows: list[_ImportRow] = []
+    rows: list[sender_actions.ImportRow] = []
     first_line: dict[str, int] = {}
     for line, record in records:
         try:
-            row = _import_row(config, line, record)
-        except CliError as exc:
+            row = sender_actions.import_row(config.mailboxes, line, record)
+        except ActionError as exc:
             errors.append((line, str(exc)))
             continue
         if row.address in first_line:
@@ -1150,73 +895,28 @@ def cmd_senders_import(config: Config, args: argparse.Namespace) -> int:
         first_line[row.address] = line
         rows.append(row)
     now = _clock(args).stamp()
-    added = updated = unchanged = 0
-    granted: list[tuple[str, str]] = []  # the domain grants this import adds or changes
     with _admin_db(config, write=True) as conn:
-        orgs: dict[str, store.Organisation] = {}
-        plans: list[tuple[_ImportRow, store.Organisation, store.SenderEntry | None]] = []
-        for row in rows:
-            key = row.org.casefold()
-            if key not in orgs:
-                found = store.find_organisation(conn, row.org)
-                if found is None:
-                    errors.append((row.line, f"no organisation '{row.org}'"))
-                    continue
-                orgs[key] = found
-            org = orgs[key]
-            existing = store.find_sender(conn, row.address)
-            if existing is not None and existing.blocked:
-                errors.append((row.line, f"{row.address} is blocked"))
-                continue
-            if row.address.startswith("@"):
-                problem = _check_domain_grant(conn, row.address, org)
-                if problem is not None:
-                    errors.append((row.line, problem))
-                    continue
-            plans.append((row, org, existing))
-        if errors:
-            errors.sort()
-            for line, reason in errors[:_MAX_IMPORT_ERRORS]:
-                print(f"gateway: {label}:{line}: {reason}", file=sys.stderr)
-            if len(errors) > _MAX_IMPORT_ERRORS:
-                more = len(errors) - _MAX_IMPORT_ERRORS
-                print(f"gateway: {label}: ... and {more} more", file=sys.stderr)
-            raise CliError(f"{label}: nothing imported ({len(errors)} bad row(s))")
-        for row, org, existing in plans:
-            if existing is not None and (existing.organisation, existing.name) == (
-                org.name,
-                row.name,
-            ):
-                unchanged += 1
-                continue
-            store.upsert_sender(
-                conn, address=row.address, organisation=org.id, name=row.name, now=now
-            )
-            detail: dict[str, Any] = {"via": "import", "file": label, "line": row.line}
-            if existing is None:
-                added += 1
-                action = EventAction.SENDER_ADDED
-                detail.update(organisation=org.name, name=row.name)
-            else:
-                updated += 1
-                action = EventAction.SENDER_UPDATED
-                detail.update(_sender_changes(existing, org.name, row.name))
-            _record(
-                conn, args, now=now, action=action, subject=f"sender:{row.address}", detail=detail
-            )
-            if row.address.startswith("@"):
-                granted.append((row.address, org.name))
-        if added or updated:
-            _record(
+        try:
+            imported = sender_actions.import_senders(
                 conn,
-                args,
+                label=label,
+                rows=rows,
+                errors=errors,
+                mailboxes=config.mailboxes,
+                actor=cli_actor(),
                 now=now,
-                action=EventAction.SENDERS_IMPORTED,
-                subject="senders",
-                detail={"file": label, "added": added, "updated": updated, "unchanged": unchanged},
+                reason=args.reason,
             )
-    for address, org_name in granted:
+        except sender_actions.ImportRefused as refused:
+            for line, reason in refused.errors[:_MAX_IMPORT_ERRORS]:
+                print(f"gateway: {label}:{line}: {reason}", file=sys.stderr)
+            if len(refused.errors) > _MAX_IMPORT_ERRORS:
+                more = len(refused.errors) - _MAX_IMPORT_ERRORS
+                print(f"gateway: {label}: ... and {more} more", file=sys.stderr)
+            raise
+    for address, org_name in imported.granted:
         _domain_grant_warning(address, org_name)
+    added, updated, unchanged = imported.added, imported.updated, imported.unchanged
     print(f"imported {label}: {added} added, {updated} updated, {unchanged} unchanged")
     return 0
 
@@ -1249,22 +949,6 @@ def _read_csv(file: str) -> tuple[str, list[tuple[int, list[str]]]]:
     if header != SENDERS_CSV_HEADER:
         raise CliError(f"{label}:1: the header must be exactly {','.join(SENDERS_CSV_HEADER)}")
     return label, [(line, r) for line, r in records[1:] if any(cell.strip() for cell in r)]
-
-
-def _import_row(config: Config, line: int, record: list[str]) -> _ImportRow:
-    if len(record) not in (2, 3):
-        raise CliError(f"expected 3 fields ({','.join(SENDERS_CSV_HEADER)}), found {len(record)}")
-    address_text, org = record[0].strip(), record[1].strip()
-    if address_text.startswith("@"):
-        address = "@" + valid_domain(address_text)
-    else:
-        address = valid_address(address_text)
-        if match_mailbox(address, config.mailboxes) is not None:
-            raise CliError(f"{address} is one of our own mailboxes")
-    if not org:
-        raise CliError("the org field is empty")
-    name = _display_name(record[2] if len(record) == 3 else None)
-    return _ImportRow(line, address, org, name)
 
 
 def cmd_senders_export(config: Config, args: argparse.Namespace) -> int:

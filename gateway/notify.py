@@ -1,8 +1,10 @@
 """[plan] Outgoing mail: which events earn a mail, and to whom.
 
 Planning runs inside the transaction of the event that causes it, so a mail is queued
-exactly when its ticket change commits (transactional outbox); it stores a `MailSpec`, and
-the outbox worker builds the bytes from it (`mailbuild.py`) and delivers them. The guards
+exactly when its ticket change commits (transactional outbox). A plan only reads (the
+caps, undeliverable addresses, the ticket): it returns the mail to write, each with its
+`MailSpec`, or why it is withheld, and the caller writes them (`actions.mail.write`); the
+outbox worker builds the bytes from the spec (`mailbuild.py`) and delivers them. The guards
 here are the last word on automatic mail: it must never go to the null sender, an
 auto-reply, a bounce, a list, a loop, a held or refused sender, our own addresses, an
 undeliverable address, or anyone more often than the configured caps; and no header we
@@ -15,7 +17,9 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.headerregistry import Address
 from enum import StrEnum
@@ -26,7 +30,6 @@ from .config import Config, MailboxConfig
 from .mailbuild import MAX_SUBJECT, MailSpec, quote_subject, sanitise_header
 from .render import Templates
 from .store import Filing, StoredMessage
-from .store.events import EventAction
 from .tickets import Kind as MessageKind
 from .tickets import SubjectTag, make_token
 
@@ -57,8 +60,54 @@ def new_message_id(hostname: str, ticket: int | None) -> str:
     return f"<gw.{where}.{secrets.token_hex(10)}@{hostname}>"
 
 
+@dataclass(frozen=True)
+class PlannedMail:
+    """One mail to queue: its outgoing row, its outbox entry, and its spec."""
+
+    kind: MailKind
+    ticket: int | None
+    automatic: bool
+    spec: MailSpec
+    record: StoredMessage  # the outgoing message row (direction "out"), at the planning time
+    filing: Filing
+    acknowledges: bool = False  # writing it marks the ticket acknowledged (RFC 3834: once)
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """A mail the guards keep back, and why (audited as `mail.withheld`)."""
+
+    kind: MailKind
+    why: str
+    subject: str  # the audit subject: "ticket:N", or what an admin notice is about
+    ticket: int | None
+    time: str
+    # Admin notices only: the admins a cap held back, the cap, the held mail's reasons.
+    to: tuple[str, ...] | None = None
+    cap: int | None = None
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an event earns: mail to queue, and what is withheld (if anything)."""
+
+    mail: tuple[PlannedMail, ...] = ()
+    withheld: Withheld | None = None
+
+    @property
+    def why_not(self) -> str | None:
+        """Why the mail is not sent, or None when it is queued."""
+        return self.withheld.why if self.withheld is not None else None
+
+
+def _withheld(kind: MailKind, ticket: int, why: str, now: str) -> Plan:
+    return Plan(withheld=Withheld(kind, why, f"ticket:{ticket}", ticket, now))
+
+
 class Planner:
-    """Plans outgoing mail inside a store transaction (runs on the writer thread)."""
+    """Plans outgoing mail inside a store transaction (runs on the writer thread); it
+    reads through the store but writes nothing."""
 
     def __init__(self, config: Config, templates: Templates, secret: bytes) -> None:
         self.config = config
@@ -104,15 +153,15 @@ class Planner:
         record: StoredMessage,
         now: str,
         references: Sequence[str] = (),
-    ) -> str | None:
-        """Queue the acknowledgement of a new ticket; returns why not, if not."""
+    ) -> Plan:
+        """The acknowledgement of a new ticket, or why not."""
         why = self.inbound_refusal(record) or self.refusal(conn, record.sender, now)
         if why is None and store.ticket_acknowledged(conn, ticket):
             why = "already-acknowledged"  # RFC 3834 section 2: at most one per ticket
         if why is not None:
-            return why
+            return _withheld(MailKind.ACKNOWLEDGEMENT, ticket, why, now)
         assert record.sender is not None
-        self._queue(
+        mail = self._plan(
             conn,
             MailKind.ACKNOWLEDGEMENT,
             ticket,
@@ -123,23 +172,23 @@ class Planner:
             extra={},
             # RFC 5322 section 3.6.4: the client's References, then its Message-ID.
             references=[*references, *([record.message_id] if record.message_id else [])],
+            acknowledges=True,
         )
-        store.set_acknowledged(conn, ticket)
-        return None
+        return Plan((mail,))
 
     def staff_reply(
         self, conn: sqlite3.Connection, ticket: int, body: str, staff: str | None, now: str
-    ) -> str | None:
-        """Queue a staff member's public reply to the ticket's requester (human mail: no
-        caps, but never to our own or an undeliverable address)."""
+    ) -> Plan:
+        """A staff member's public reply to the ticket's requester (human mail: no caps,
+        but never to our own or an undeliverable address), or why not."""
         info = store.ticket_mail_info(conn, ticket)
         to = info["requester"] if info else None
         if not to or to in self.own or self.config.is_staff(to):
-            return "no-client"
+            return _withheld(MailKind.STAFF_REPLY, ticket, "no-client", now)
         if store.is_undeliverable(conn, to):
-            return "undeliverable"
+            return _withheld(MailKind.STAFF_REPLY, ticket, "undeliverable", now)
         show = self.config.staff.show_staff_address and staff
-        self._queue(
+        mail = self._plan(
             conn,
             MailKind.STAFF_REPLY,
             ticket,
@@ -150,22 +199,23 @@ class Planner:
             extra={"body": body, "staff_name": staff if show else ""},
             automatic=False,
         )
-        return None
+        return Plan((mail,))
 
     def status_change(
         self, conn: sqlite3.Connection, ticket: int, old: str, new: str, now: str
-    ) -> str | None:
+    ) -> Plan:
+        """The client's mail about a solved or reopened ticket, or why not."""
         solved = new == "solved" and old != "solved"
         reopened = new == "open" and old in ("solved", "closed")
         if not (solved or reopened):
-            return "not-notified"
+            return _withheld(MailKind.STATUS_CHANGE, ticket, "not-notified", now)
         info = store.ticket_mail_info(conn, ticket)
         to = info["requester"] if info else None
         why = self.refusal(conn, to, now)
         if why is not None:
-            return why
+            return _withheld(MailKind.STATUS_CHANGE, ticket, why, now)
         assert to is not None
-        self._queue(
+        mail = self._plan(
             conn,
             MailKind.STATUS_CHANGE,
             ticket,
@@ -175,7 +225,7 @@ class Planner:
             template="status_change",
             extra={"old_status": old, "new_status": new},
         )
-        return None
+        return Plan((mail,))
 
     def tell_admins(
         self,
@@ -186,14 +236,14 @@ class Planner:
         *,
         reasons: Sequence[str] = (),
         about: str | None = None,
-    ) -> int:
-        """Queue a notice to every configured admin (within the caps); returns how many.
+    ) -> Plan:
+        """A notice to every configured admin (within the caps).
 
         Each kind of notice has its own hourly cap per admin, so a flood of one kind (junk
         held as unknown senders) never silences another (a look-alike of a client, forged
         staff mail, a loop): a quarantine notice about a held message whose `reasons`
-        include `unauthenticated` or `lookalike` is a security notice. Every notice a cap
-        holds back leaves a `mail.withheld` event (one per call, naming the admins).
+        include `unauthenticated` or `lookalike` is a security notice. The notices a cap
+        holds back are one `Withheld` (one `mail.withheld` event, naming the admins).
 
         `context` is called once, and only if some admin is to be told: what it looks up
         (the count of held mail, say) costs nothing for the notices the caps hold back.
@@ -202,43 +252,43 @@ class Planner:
             kind = MailKind.SECURITY_NOTICE
         template = "loop_notice" if kind is MailKind.LOOP_NOTICE else "quarantine_notice"
         found: Mapping[str, object] | None = None
-        queued = 0
+        mail: list[PlannedMail] = []
+        # Nothing is written while planning: an admin named twice counts what this plan
+        # already gives them against the cap.
+        planned: Counter[str] = Counter()
         withheld: list[str] = []
         for admin in self.config.staff.admins:
-            if self._admin_refusal(conn, admin, kind, now) is not None:
+            if self._admin_refusal(conn, admin, kind, now, planned[admin]) is not None:
                 withheld.append(admin)
                 continue
             if found is None:
                 found = _quoted(context())
-            self._queue(
-                conn,
-                kind,
-                None,
-                to=admin,
-                now=now,
-                in_reply_to=None,
-                template=template,
-                extra=dict(found),
+            mail.append(
+                self._plan(
+                    conn,
+                    kind,
+                    None,
+                    to=admin,
+                    now=now,
+                    in_reply_to=None,
+                    template=template,
+                    extra=dict(found),
+                )
             )
-            queued += 1
+            planned[admin] += 1
+        held_back = None
         if withheld:
-            cap = self.admin_cap(kind)
-            store.record_event(
-                conn,
-                time=now,
-                actor="gateway",
-                action=EventAction.MAIL_WITHHELD,
-                subject=about or f"notice:{kind.value}",
-                ticket=None,
-                detail={
-                    "kind": kind.value,
-                    "to": withheld,
-                    "why": "hourly-cap",
-                    "cap": cap,
-                    "reasons": list(reasons),
-                },
+            held_back = Withheld(
+                kind,
+                "hourly-cap",
+                about or f"notice:{kind.value}",
+                None,
+                now,
+                to=tuple(withheld),
+                cap=self.admin_cap(kind),
+                reasons=tuple(reasons),
             )
-        return queued
+        return Plan(tuple(mail), held_back)
 
     def admin_cap(self, kind: MailKind) -> int:
         """The hourly cap of one kind of admin notice, per admin."""
@@ -250,14 +300,14 @@ class Planner:
         return policy.max_quarantine_notices_per_hour
 
     def _admin_refusal(
-        self, conn: sqlite3.Connection, admin: str, kind: MailKind, now: str
+        self, conn: sqlite3.Connection, admin: str, kind: MailKind, now: str, planned: int = 0
     ) -> str | None:
         sent = store.count_admin_notices(conn, admin, (kind.value,), since=_before(now, hours=1))
-        if sent >= self.admin_cap(kind):
+        if sent + planned >= self.admin_cap(kind):
             return "hourly-cap"
         return None
 
-    # --- building and queueing -----------------------------------------------------------
+    # --- building ------------------------------------------------------------------------
 
     def _mailbox(self, address: str | None) -> MailboxConfig:
         for mailbox in self.config.mailboxes:
@@ -265,7 +315,7 @@ class Planner:
                 return mailbox
         return self.config.mailboxes[0]
 
-    def _queue(
+    def _plan(
         self,
         conn: sqlite3.Connection,
         kind: MailKind,
@@ -278,7 +328,8 @@ class Planner:
         extra: Mapping[str, object],
         automatic: bool = True,
         references: Sequence[str] | None = None,
-    ) -> None:
+        acknowledges: bool = False,
+    ) -> PlannedMail:
         info = store.ticket_mail_info(conn, ticket) if ticket is not None else None
         mailbox = self._mailbox(info["mailbox"] if info else None)
         reply_to = mailbox.address
@@ -326,18 +377,6 @@ class Planner:
             references=tuple(chain[-MAX_REFERENCES:]),
             auto_submitted=_AUTO_SUBMITTED.get(kind) if automatic else None,
         )
-        self._store(conn, kind, ticket, automatic, spec, str(sender), now)
-
-    def _store(
-        self,
-        conn: sqlite3.Connection,
-        kind: MailKind,
-        ticket: int | None,
-        automatic: bool,
-        spec: MailSpec,
-        from_header: str,
-        now: str,
-    ) -> None:
         mail_from = "" if automatic else spec.sender
         record = StoredMessage(
             queue_id=f"out-{secrets.token_hex(8)}",
@@ -349,7 +388,7 @@ class Planner:
             raw=b"",
             sha256="",
             message_id=spec.message_id,
-            from_header=from_header,
+            from_header=str(sender),
             subject=spec.subject,
             date_header=None,
             malformed=None,
@@ -359,30 +398,8 @@ class Planner:
             reasons=(kind.value,),
         )
         message_kind = MessageKind.STAFF if kind is MailKind.STAFF_REPLY else MessageKind.AUTO_REPLY
-        row = store.insert_planned_mail(
-            conn, record, Filing(ticket, message_kind, "outgoing"), spec.to_json()
-        )
-        store.queue_mail(
-            conn,
-            message_row=row,
-            ticket=ticket,
-            kind=kind.value,
-            automatic=automatic,
-            mail_from=mail_from,
-            rcpt_to=spec.to,
-            subject=spec.subject,
-            message_id=spec.message_id,
-            now=now,
-        )
-        store.record_event(
-            conn,
-            time=now,
-            actor="gateway",
-            action=EventAction.MAIL_QUEUED,
-            subject=f"message:{row}",
-            ticket=ticket,
-            detail={"kind": kind.value, "to": spec.to, "message_id": spec.message_id},
-        )
+        filing = Filing(ticket, message_kind, "outgoing")
+        return PlannedMail(kind, ticket, automatic, spec, record, filing, acknowledges)
 
 
 _AUTO_SUBMITTED = {

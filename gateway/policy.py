@@ -44,8 +44,25 @@ class Reason(StrEnum):
 
 
 @dataclass(frozen=True)
+class MessageFacts:
+    """What the message says about itself, read on the event loop (`actions.intake.intake_of`);
+    what the sender list says is looked up in the store transaction, and both make the
+    `PolicyFacts`, once (`actions.intake.look_up`)."""
+
+    sender: str | None
+    from_problem: str | None
+    malformed: str | None
+    classification: Kind
+    staff: bool
+    forged: str | None
+    auth_temperror: bool
+    lookalike_of: str | None  # the staff address or mailbox of ours it imitates
+
+
+@dataclass(frozen=True)
 class PolicyFacts:
-    """Everything the rules look at, gathered by the pipeline before deciding."""
+    """Everything the rules look at: what the message says (`MessageFacts`) and what the
+    sender list and the store say, built once inside the store transaction."""
 
     sender: str | None  # the From addr-spec, normalised; None if there is no usable one
     from_problem: str | None  # why From is unusable: "missing", "several", "group", ...

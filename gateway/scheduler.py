@@ -10,7 +10,7 @@ import asyncio
 import logging
 from functools import partial
 
-from . import quarantine
+from .actions import quarantine
 from .clock import Clock
 from .config import Config
 from .logs import event

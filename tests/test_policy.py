@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway import quarantine, store
+from gateway import store
+from gateway.actions import quarantine
 from gateway.app import Gateway
 from gateway.config import Config
 

@@ -100,7 +100,6 @@ from .senders import (
 )
 from .tickets import (
     TicketQueries,
-    add_note,
     add_participant,
     create_ticket,
     list_tickets,
@@ -153,7 +152,6 @@ __all__ = [  # noqa: RUF022
     "stored_message_from_row",
     # .tickets
     "TicketQueries",
-    "add_note",
     "add_participant",
     "create_ticket",
     "list_tickets",

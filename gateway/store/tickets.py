@@ -1,18 +1,15 @@
-"""Tickets: rows, participants, status, the reads threading needs (TicketQueries), notes,
-the reply-token secret, and the CLI's ticket views."""
+"""Tickets: rows, participants, status, the reads threading needs (TicketQueries), the
+reply-token secret, and the CLI's ticket views. (A note is a message: actions.tickets.)"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..model import MessageKind, Status, TicketRef, Via
-from .events import EventAction, record_event
-from .messages import Filing, StoredMessage, insert_message
+from ..model import Status, TicketRef
 
 
 def token_secret(conn: sqlite3.Connection) -> bytes:
@@ -182,41 +179,6 @@ def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: s
         "UPDATE tickets SET status = ?, updated_at = ? WHERE number = ?", (status, now, number)
     )
     return str(row["status"])
-
-
-def add_note(conn: sqlite3.Connection, ticket: int, *, text: str, author: str, now: str) -> int:
-    """An internal note written with the CLI: kept on the ticket, never sent."""
-    raw = text.encode("utf-8")
-    record = StoredMessage(
-        queue_id=f"note-{secrets.token_hex(8)}",
-        received_at=now,
-        mail_from=author,
-        rcpt_to=(),
-        peer="cli",
-        helo="",
-        raw=raw,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        message_id=None,
-        from_header=author,
-        subject=None,
-        date_header=None,
-        malformed=None,
-        defects=(),
-        sender=author,
-        text=text,
-    )
-    row = insert_message(conn, record, Filing(ticket, MessageKind.NOTE, Via.CLI))
-    update_ticket(conn, ticket, now=now)
-    record_event(
-        conn,
-        time=now,
-        actor=author,
-        action=EventAction.TICKET_NOTED,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail={"message": row},
-    )
-    return row
 
 
 _TICKET_COLUMNS = """
