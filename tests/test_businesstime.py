@@ -25,7 +25,7 @@ from gateway.businesstime import (
     parse_duration,
     when,
 )
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, config_warnings, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = '[[mailbox]]\naddress = "support@example.org"\n'
@@ -405,3 +405,11 @@ def test_check_config_names_a_bad_zone(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "unit[0].timezone: unknown time zone 'Mars/Olympus'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unit_staff_alone_get_the_cannot_authenticate_warning(tmp_path: Path) -> None:
+    # Unit staff are staff: listed with nothing that could authenticate their mail, every
+    # mail of theirs would be held, and check-config must say so as for [staff].
+    config = config_from(tmp_path, MINIMAL + UNIT + 'staff = ["dana@example.org"]\n')
+    assert any("nothing can authenticate staff mail" in w for w in config_warnings(config))
+    assert config_warnings(config_from(tmp_path, MINIMAL + UNIT)) == []
