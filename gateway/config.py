@@ -8,6 +8,7 @@ other than the config file itself and the TLS files it names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import tomllib
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
+
+from . import businesstime
+from .businesstime import BusinessHours, BusinessTimeError, Duration
 
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -236,6 +240,75 @@ class MailboxConfig:
 
 
 @dataclass(frozen=True)
+class CommitmentsConfig:
+    # Business durations (gateway/businesstime.py: `30m`, `4h`, `2d`, `1h30m`). Each
+    # [[unit]] may set its own; these are the defaults of every unit.
+    # When a new ticket, or a client's reply that reopens one, is due an answer.
+    first_response: str = "4h"
+    # After each public staff update that states no promise of its own.
+    update_every: str = "2d"
+    # How long before a due time the reminder goes out.
+    remind_before: str = "1h"
+
+
+_COMMITMENT_KEYS = ("first_response", "update_every", "remind_before")
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    """A desk unit: who works it, when it is open, and its commitments' durations."""
+
+    # What [[mailbox]] unit and `orgs add --unit` name.
+    name: str
+    # Its support developers; they count as staff (Config.is_staff).
+    staff: tuple[str, ...] = ()
+    # Where escalations of missed promises go ("" = none: the owner only).
+    lead: str = ""
+    timezone: str = businesstime.DEFAULT_TIMEZONE
+    # Business days: "mon".."sun" or "monday".."sunday", any case; normalised to the
+    # three-letter names in weekday order.
+    days: tuple[str, ...] = businesstime.DEFAULT_DAYS
+    # Opening hours, local wall-clock HH:MM; end may be "24:00" and is after start.
+    start: str = businesstime.DEFAULT_START
+    end: str = businesstime.DEFAULT_END
+    # Extra closed dates (YYYY-MM-DD) on top of the public holidays.
+    holidays: tuple[str, ...] = ()
+    # Public holidays from the `holidays` package ("" = none). The subdivision defaults
+    # to ENG for GB and to "" (national holidays) when the unit names another country.
+    holidays_country: str = businesstime.DEFAULT_HOLIDAYS_COUNTRY
+    holidays_subdivision: str = businesstime.DEFAULT_HOLIDAYS_SUBDIVISION
+    # As in [commitments], whose values are the defaults.
+    first_response: str = CommitmentsConfig.first_response
+    update_every: str = CommitmentsConfig.update_every
+    remind_before: str = CommitmentsConfig.remind_before
+
+    @functools.cached_property
+    def hours(self) -> BusinessHours:
+        """Its business hours (built once: the holiday table fills in as it is used)."""
+        return BusinessHours.build(
+            timezone=self.timezone,
+            days=self.days,
+            start=self.start,
+            end=self.end,
+            holidays=self.holidays,
+            holidays_country=self.holidays_country,
+            holidays_subdivision=self.holidays_subdivision,
+        )
+
+    @property
+    def first_response_duration(self) -> Duration:
+        return businesstime.parse_duration(self.first_response)
+
+    @property
+    def update_every_duration(self) -> Duration:
+        return businesstime.parse_duration(self.update_every)
+
+    @property
+    def remind_before_duration(self) -> Duration:
+        return businesstime.parse_duration(self.remind_before)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     smtp: SmtpConfig
@@ -248,12 +321,29 @@ class Config:
     staff: StaffConfig = field(default_factory=StaffConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    commitments: CommitmentsConfig = field(default_factory=CommitmentsConfig)
+    # Every unit the desk knows: the [[unit]] tables in their order, then one with the
+    # defaults for each mailbox unit that has no table.
+    units: tuple[UnitConfig, ...] = ()
 
     def is_staff(self, address: str | None) -> bool:
-        """Staff by configured address or domain (address already normalised)."""
+        """Staff by configured address or domain, or a unit's staff (address already
+        normalised). A unit's lead is not staff by being lead."""
         if not address:
             return False
-        return address in self.staff.addresses or address.rpartition("@")[2] in self.staff.domains
+        return (
+            address in self.staff.addresses
+            or address.rpartition("@")[2] in self.staff.domains
+            or any(address in unit.staff for unit in self.units)
+        )
+
+    def unit(self, name: str) -> UnitConfig:
+        """The unit called `name`; one nobody configured (a ticket's unit since removed
+        from the file) gets the defaults, as a mailbox's unit without a table does."""
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        return _default_unit(name, self.commitments)
 
     @property
     def base_dir(self) -> Path:
@@ -289,7 +379,7 @@ def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but unsafe: check-config prints them, the daemon logs them."""
     warnings: list[str] = []
     staff = config.staff
-    has_staff = bool(staff.addresses or staff.domains)
+    has_staff = bool(staff.addresses or staff.domains or any(u.staff for u in config.units))
     if not staff.require_authentication:
         warnings.append(
             "staff.require_authentication is false: anyone who writes a staff address "
@@ -335,6 +425,8 @@ _SECTIONS = {
     "staff",
     "delivery",
     "templates",
+    "commitments",
+    "unit",
 }
 
 
@@ -357,6 +449,13 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     mailboxes = tuple(
         _build(MailboxConfig, box, f"mailbox[{i}]") for i, box in enumerate(raw_boxes)
     )
+    commitments = _build(CommitmentsConfig, _table(data, "commitments"), "commitments")
+    for key in _COMMITMENT_KEYS:
+        _check_duration(getattr(commitments, key), f"commitments.{key}")
+    raw_units = data.get("unit", [])
+    if not isinstance(raw_units, list) or not all(isinstance(u, dict) for u in raw_units):
+        raise ConfigError("unit: must be an array of tables ([[unit]])")
+    units = tuple(_build_unit(unit, i, commitments) for i, unit in enumerate(raw_units))
     config = Config(
         path=path,
         smtp=smtp,
@@ -369,6 +468,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         staff=staff,
         delivery=delivery,
         templates=templates,
+        commitments=commitments,
+        units=units,
     )
     _validate(config)
     return config
@@ -557,6 +658,109 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"mailbox[{i}].unit: must not be empty")
         normalised.append(dataclasses.replace(box, address=address))
     object.__setattr__(config, "mailboxes", tuple(normalised))
+    _validate_units(config)
+
+
+def _default_unit(name: str, commitments: CommitmentsConfig) -> UnitConfig:
+    return UnitConfig(
+        name=name,
+        first_response=commitments.first_response,
+        update_every=commitments.update_every,
+        remind_before=commitments.remind_before,
+    )
+
+
+def _build_unit(table: Mapping[str, Any], index: int, commitments: CommitmentsConfig) -> UnitConfig:
+    """A [[unit]] table over the [commitments] defaults (checked already)."""
+    merged = {key: getattr(commitments, key) for key in _COMMITMENT_KEYS} | dict(table)
+    country = table.get("holidays_country")
+    if "holidays_subdivision" not in table and isinstance(country, str):
+        # England's subdivision belongs to GB only: a unit in another country gets that
+        # country's national holidays unless it names a subdivision.
+        merged["holidays_subdivision"] = businesstime.default_subdivision(country.upper())
+    return _build(UnitConfig, merged, f"unit[{index}]")
+
+
+def _check_duration(value: str, key: str) -> str:
+    try:
+        return str(businesstime.parse_duration(value))
+    except BusinessTimeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _validate_units(config: Config) -> None:
+    """Check and normalise the [[unit]] tables, then add a default unit for each mailbox
+    unit without one."""
+    units: list[UnitConfig] = []
+    seen: set[str] = set()
+    for i, unit in enumerate(config.units):
+        units.append(_validate_unit(unit, f"unit[{i}]"))
+        if unit.name in seen:
+            raise ConfigError(f"unit[{i}].name: unit {unit.name!r} is configured twice")
+        seen.add(unit.name)
+    for box in config.mailboxes:
+        if box.unit not in seen:
+            seen.add(box.unit)
+            units.append(_default_unit(box.unit, config.commitments))
+    object.__setattr__(config, "units", tuple(units))
+
+
+def _validate_unit(unit: UnitConfig, prefix: str) -> UnitConfig:
+    """One [[unit]] table, checked key by key and normalised."""
+
+    def check(key: str, parse: typing.Callable[..., _T], *args: Any) -> _T:
+        try:
+            return parse(*args)
+        except BusinessTimeError as exc:
+            raise ConfigError(f"{prefix}.{key}: {exc}") from None
+
+    if not unit.name.strip():
+        raise ConfigError(f"{prefix}.name: must not be empty")
+    staff = tuple(
+        normalise_mailbox(a, f"{prefix}.staff[{i}]", allow_plus=True)
+        for i, a in enumerate(unit.staff)
+    )
+    lead = normalise_mailbox(unit.lead, f"{prefix}.lead", allow_plus=True) if unit.lead else ""
+    check("timezone", businesstime.parse_timezone, unit.timezone)
+    if not unit.days:
+        raise ConfigError(f"{prefix}.days: at least one day is needed")
+    weekdays: list[int] = []
+    for i, name in enumerate(unit.days):
+        weekday = check(f"days[{i}]", businesstime.parse_day, name)
+        if weekday in weekdays:
+            day = businesstime.DAY_NAMES[weekday]
+            raise ConfigError(f"{prefix}.days[{i}]: {name!r} names {day} twice")
+        weekdays.append(weekday)
+    start = check("start", businesstime.parse_clock, unit.start)
+    end = check(
+        "end", functools.partial(businesstime.parse_clock, allow_midnight_end=True), unit.end
+    )
+    if end <= start:
+        raise ConfigError(f"{prefix}.end: must be later than start ({unit.start}), got {unit.end}")
+    holidays = tuple(
+        check(f"holidays[{i}]", businesstime.parse_date, d).isoformat()
+        for i, d in enumerate(unit.holidays)
+    )
+    country = check("holidays_country", businesstime.check_holidays_country, unit.holidays_country)
+    subdivision = check(
+        "holidays_subdivision",
+        businesstime.check_holidays_subdivision,
+        unit.holidays_country,
+        unit.holidays_subdivision,
+    )
+    durations = {
+        key: _check_duration(getattr(unit, key), f"{prefix}.{key}") for key in _COMMITMENT_KEYS
+    }
+    return dataclasses.replace(
+        unit,
+        staff=staff,
+        lead=lead,
+        days=tuple(businesstime.DAY_NAMES[d] for d in sorted(weekdays)),
+        holidays=holidays,
+        holidays_country=country,
+        holidays_subdivision=subdivision,
+        **durations,
+    )
 
 
 def _validate_timeout_model(smtp: SmtpConfig) -> None:
