@@ -197,6 +197,34 @@ MIGRATIONS: tuple[str, ...] = (
     """
     UPDATE senders SET skeleton = gateway_skeleton(address);
     """,
+    # 7: owners and commitments (issue 11). A ticket that waits on us has at most one
+    # owner (a staff address) and a next_update_due (UTC ISO): the due time of its open
+    # commitment, kept on the ticket so that lists and the desk sort and filter by an
+    # index. Every promise is a commitments row: set (by the gateway's first-response rule,
+    # a staff member's #next or the CLI), then met, missed or replaced. reminded_at and
+    # escalated_at make each reminder and escalation happen once per promise, across
+    # restarts: the scheduler sets them in the transaction that queues the mail.
+    """
+    ALTER TABLE tickets ADD COLUMN owner TEXT;
+    ALTER TABLE tickets ADD COLUMN next_update_due TEXT;
+    ALTER TABLE tickets ADD COLUMN last_public_update_at TEXT;
+    CREATE INDEX tickets_by_owner ON tickets (owner, next_update_due);
+    CREATE INDEX tickets_by_due ON tickets (next_update_due) WHERE next_update_due IS NOT NULL;
+    CREATE TABLE commitments (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket        INTEGER NOT NULL REFERENCES tickets (number),
+        due           TEXT NOT NULL,               -- UTC ISO, business time already applied
+        set_by        TEXT NOT NULL,               -- a staff address, or 'gateway'
+        note          TEXT,
+        state         TEXT NOT NULL DEFAULT 'open',  -- open, met, missed, replaced
+        created_at    TEXT NOT NULL,
+        closed_at     TEXT,                        -- when it was met, missed or replaced
+        reminded_at   TEXT,
+        escalated_at  TEXT
+    );
+    CREATE INDEX commitments_by_ticket ON commitments (ticket, id);
+    CREATE INDEX commitments_open_by_due ON commitments (due) WHERE state = 'open';
+    """,
 )
 
 
