@@ -414,7 +414,7 @@ _NOT_A_DEVICE = re.compile(
 )
 _MAX_DEVICE_NAME = 80
 # A dash sign-off: "-Bob", "--Alice", "-- Alice Example" on a line of its own. A single
-# dash touches the name ("- Bob" is a list item); each word must start with a capital letter
+# dash touches the name ("- Bob" is a list item); no word may start with a lower-case letter
 # (checked in _is_dash_sign_off: "-verbose" is an option, "-5" a number).
 _DASH_SIGN_OFF = re.compile(
     r"^\s*(?:-{1,2}|--\s+)([^\W\d_][\w.'\u2019-]*(?:\s+[^\W\d_][\w.'\u2019-]*){0,3})\s*$"
@@ -470,7 +470,8 @@ def _is_device_line(line: str) -> bool:
 def _is_dash_sign_off(lines: list[str], index: int) -> bool:
     """lines[index] is "-Name" or "--Name", and not an item of a list written with dashes."""
     match = _DASH_SIGN_OFF.match(lines[index])
-    if match is None or not all(word[0].isupper() for word in match.group(1).split()):
+    # A capital, or a letter of a script without case (Chinese, Japanese, Arabic...).
+    if match is None or any(word[0].islower() for word in match.group(1).split()):
         return False
     before = next((lines[i] for i in range(index - 1, -1, -1) if not _is_blank(lines[i])), "")
     after = next((lines[i] for i in range(index + 1, len(lines)) if not _is_blank(lines[i])), "")

@@ -364,6 +364,45 @@ def test_raw_8bit_headers_are_decoded_by_detection_when_salvaged() -> None:
     assert_well_formed_values(message)
 
 
+def raw_8bit_mail(name: bytes, subject: bytes, body: bytes, charset: str, mid: str) -> bytes:
+    return (
+        b"From: " + name + b" <sender@client.example.com>\r\n"
+        b"To: support@example.org\r\nSubject: " + subject + b"\r\n"
+        b"Message-ID: <" + mid.encode() + b"@client.example.com>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body
+    )
+
+
+async def test_raw_8bit_headers_and_gb2312_text_are_stored_readable(
+    config: Config, gateway: Gateway
+) -> None:
+    # Through the real server and a parser worker into the database, where a staff notice
+    # reads the client's name, subject and text from. A Chinese mail program: raw GBK
+    # headers, GBK text labelled GB2312. A Western one: raw Windows-1252 headers.
+    chinese = ("\u9648\u5586", "\u53d1\u7968\u95ee\u9898", f"{GBK_ONLY}\r\n\r\n-\u9648\u5586")
+    western = (
+        "Ren\u00e9e M\u00fcller",
+        "Re\u00e7u: facture \u20ac 12",
+        "Merci.\r\n\r\n-Ren\u00e9e",
+    )
+    await send_message(
+        gateway,
+        raw_8bit_mail(*(part.encode("gbk") for part in chinese), charset="gb2312", mid="zh"),
+    )
+    await send_message(
+        gateway,
+        raw_8bit_mail(
+            *(part.encode("cp1252") for part in western), charset="windows-1252", mid="fr"
+        ),
+    )
+    stored = rows(config, "SELECT * FROM messages WHERE direction = 'in' ORDER BY id")
+    assert [(m["from_header"], m["subject"], m["text"]) for m in stored] == [
+        (f"{chinese[0]} <sender@client.example.com>", chinese[1], GBK_ONLY),
+        (f"{western[0]} <sender@client.example.com>", western[1], "Merci."),
+    ]
+
+
 # --- parse_message: limits --------------------------------------------------------------------
 
 

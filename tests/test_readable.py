@@ -207,6 +207,7 @@ def test_quote_followed_by_signature_or_list_footer_is_history(body: str, expect
         "The printer works again.\n\n-- Alice Example\nACME Ltd",
         "The printer works again.\n-JD",
         "The printer works again.\n\n-Zoë\nHead of IT\n+44 20 7946 0000",
+        "The printer works again.\n\n-\u9648\u5586",  # a name in a script without case
     ],
 )
 def test_dash_sign_off_ends_the_text(body: str) -> None:
