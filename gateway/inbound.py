@@ -142,6 +142,20 @@ _UNIQUE_HEADERS = frozenset({"from", "subject", "message-id", "date"})
 # Codecs that are not safe on hostile bytes: punycode decoding is quadratic, idna refuses
 # errors="replace". Such a charset label is treated as unknown.
 _UNSAFE_CODECS = frozenset({"idna", "punycode", "undefined"})
+# Labels that mail programs write for text in a larger charset: Chinese mail programs label
+# GBK text "GB2312" (GBK is its superset, and the WHATWG Encoding Standard decodes every
+# GB2312 label as GBK), so names with characters outside GB2312 (U+9555 in a common
+# surname) would otherwise come out as replacement characters. Keyed by Python's codec name.
+_SUPERSET_CODECS = {"gb2312": "gbk"}
+# The charset label of an RFC 2047 encoded word ("=?label?" or "=?label*lang?").
+_ENCODED_WORD_LABEL = re.compile(r"=\?([^?\s*]{1,64})(?=[*?])")
+# Raw 8-bit header bytes with no charset (RFC 5322 2.2 allows none; RFC 6532 allows UTF-8)
+# are read as the first of these that decodes them: UTF-8, then the charset the message
+# declares for its text (a legacy mail program writes its headers in the same code page),
+# then Windows-1252, which legacy Western mail programs use unlabelled. Latin-1 decodes
+# every byte, so the last resort never fails. Parts of the message looked at for the hint:
+_MAX_HINT_PARTS = 20
+_FALLBACK_CODECS = ("cp1252", "latin-1")
 
 # Python-side bytes patterns: each is linear (no nested quantifiers, no lazy scans).
 _BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -379,7 +393,45 @@ def _codec_for(charset: str | None, defects: list[str] | None) -> str:
         if defects is not None:
             _add_defect(defects, f"unknown charset {label[:_MAX_CHARSET_NAME]!r}")
         return "utf-8"
-    return info.name
+    return _SUPERSET_CODECS.get(info.name, info.name)
+
+
+def _superset_label(label: str) -> str | None:
+    """The superset codec to read a charset label as (see _SUPERSET_CODECS), or None."""
+    try:
+        name = codecs.lookup(email.charset.ALIASES.get(label.lower(), label.lower())).name
+    except (LookupError, ValueError, TypeError):
+        return None
+    return _SUPERSET_CODECS.get(name)
+
+
+def _relabel_encoded_words(value: str) -> str:
+    """Encoded words labelled with a subset charset relabelled with its superset, so that the
+    header parser decodes them as _decode_bytes decodes parts."""
+
+    def relabel(match: re.Match[str]) -> str:
+        superset = _superset_label(match.group(1))
+        return match.group(0) if superset is None else f"=?{superset}"
+
+    return _ENCODED_WORD_LABEL.sub(relabel, value)
+
+
+def _decode_8bit(data: bytes, hint: str | None) -> tuple[str, str]:
+    """(text, codec) of raw 8-bit header bytes with no declared charset, by detection: see
+    _FALLBACK_CODECS. `hint` is the charset the message declares for its text, if any."""
+    candidates = ["utf-8"]
+    if hint:
+        codec = _codec_for(hint, None)
+        # A Latin-1 label is tried as its superset Windows-1252, below, like any other
+        # unlabelled Western text.
+        if codec not in ("utf-8", "latin-1"):
+            candidates.append(codec)
+    for codec in (*candidates, *_FALLBACK_CODECS):
+        try:
+            return data.decode(codec), codec
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return data.decode("utf-8", "replace"), "utf-8"  # not reached: latin-1 decodes all
 
 
 def _decode_bytes(data: bytes, charset: str | None, defects: list[str] | None) -> str:
@@ -486,7 +538,7 @@ def _salvage(raw: bytes, limits: ParseLimits, reason: str, defects: list[str]) -
         name = _single_line(name_bytes.decode("utf-8", "replace"), _MAX_MESSAGE_ID)
         if not colon or not name:
             continue
-        value = value_bytes.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
+        value = _decode_8bit(value_bytes.replace(b"\r\n", b""), None)[0].strip()
         value = value[: limits.max_field_bytes]
         first.setdefault(name.lower(), value)
         shown = value if name.lower() in _AS_WRITTEN else _decode_encoded_words(value, None)
@@ -617,8 +669,10 @@ def _extract(
     decoded_first: dict[str, str] = {}
     raw_first: dict[str, str] = {}
     from_addresses: tuple[tuple[str, str], ...] = ()
-    for name, value in message.raw_items():
+    hint: list[str | None] = []  # the message's text charset, looked up once if needed
+    for name, raw_value in message.raw_items():
         key = name.lower()
+        value = _header_text(name, raw_value, message, hint, defects)
         if key in raw_first and key in _UNIQUE_HEADERS:
             _add_defect(defects, f"duplicate {name} field")
         simple = _simple_from(value, limits) if key == "from" else None
@@ -669,6 +723,50 @@ def _extract(
         report=report,
         reply_text=readable,
     )
+
+
+def _header_text(
+    name: str,
+    value: str,
+    message: email.message.Message,
+    hint: list[str | None],
+    defects: list[str],
+) -> str:
+    """A raw header value with its raw 8-bit bytes decoded by detection (the parser hands
+    them over as surrogate escapes, which would otherwise end as replacement characters)
+    and its encoded words' subset labels relabelled (see _SUPERSET_CODECS)."""
+    if not value.isascii():
+        if not hint:
+            hint.append(_charset_hint(message))
+        try:
+            # From bytes, the parser gives ASCII and surrogate escapes only; anything else
+            # is already text.
+            data = value.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            return _clean(value)
+        value, codec = _decode_8bit(data, hint[0])
+        if codec != "utf-8":
+            _add_defect(defects, f"header {name}: raw 8-bit text read as {codec}")
+    if "=?" in value:
+        value = _relabel_encoded_words(value)
+    return value
+
+
+def _charset_hint(message: email.message.Message) -> str | None:
+    """The charset the message declares for its first text part that has one, if any."""
+    try:
+        for index, part in enumerate(message.walk()):
+            if index >= _MAX_HINT_PARTS:
+                break
+            if part.get_content_maintype() == "text":
+                charset = part.get_content_charset()
+                if charset:
+                    return str(charset)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+    return None
 
 
 def _decode_header(

@@ -390,13 +390,42 @@ _DATE_OR_ADDRESS = re.compile(r"\d{1,2}:\d{2}|\d{4}|@")
 _SIG_DELIMITER = "-- "
 # "Sent from my iPhone" and its kin; Russian: "otpravleno s/iz".
 _DEVICE_LINE = re.compile(
-    r"^\s*(?:sent from my|sent from (?:outlook|mail|yahoo|samsung|my)|sent with|sent via"
+    r"^\s*(?:sent from my|sent from (?:outlook|mail|yahoo|samsung|gmail|proton|aol|blackberry)"
+    r"|sent with|sent via"
     r"|sent using|get outlook for|von meinem\s.{1,40}\sgesendet|gesendet von|envoy\u00e9 de mon"
     r"|envoy\u00e9 depuis|enviado desde|enviado do meu|verzonden (?:met|vanaf)|inviato da"
     r"|skickat fr\u00e5n|\u043e\u0442\u043f\u0440\u0430\u0432\u043b\u0435\u043d\u043e"
     r" (?:\u0441|\u0438\u0437))\b",
     re.IGNORECASE,
 )
+# What may follow the device or app in a device line: a link to the app, an apology for
+# brevity or typos. Whatever else is left must read as a device's name, not as a sentence:
+# "Sent from my laptop I get error 42" and "Sent from my phone because ..." are the message.
+_DEVICE_LINE_EXTRAS = re.compile(
+    r"<?https?://\S*>?|\[https?://[^\]]*\]"
+    r"|[,.;:\s-]*(?:please\s+)?(?:excuse|forgive|pardon|sorry for)\s+(?:the\s+|my\s+|any\s+)?"
+    r"(?:typos?|brevity|spelling|mistakes|errors|autocorrect)[.!]*\s*$",
+    re.IGNORECASE,
+)
+_NOT_A_DEVICE = re.compile(
+    r"[?;!:]|\b(?:i|we|you|he|she|they|because|since|but|so|that|which|while|when|if|is|are"
+    r"|was|were|will|would|can|could|please|yesterday|today)\b",
+    re.IGNORECASE,
+)
+_MAX_DEVICE_NAME = 80
+# A dash sign-off: "-Bob", "--Alice", "-- Alice Example" on a line of its own. A single
+# dash touches the name ("- Bob" is a list item); no word may start with a lower-case letter
+# (checked in _is_dash_sign_off: "-verbose" is an option, "-5" a number).
+_DASH_SIGN_OFF = re.compile(
+    r"^\s*(?:-{1,2}|--\s+)([^\W\d_][\w.'\u2019-]*(?:\s+[^\W\d_][\w.'\u2019-]*){0,3})\s*$"
+)
+# A mailing list's footer, set off by a rule or "--" (Mailman, Google Groups, LISTSERV).
+_LIST_FOOTER = re.compile(
+    r"mailing list|\bunsubscribe\b|/listinfo/|you received this message because you are"
+    r" subscribed",
+    re.IGNORECASE,
+)
+_MAX_FOOTER_LINES = 8
 # A sign-off line on its own; Russian: "s uvazheniem" (regards), "spasibo" (thanks).
 _SIGN_OFF = re.compile(
     r"^\s*(?:thanks|thank you|many thanks|thanks again|thanks in advance|thx|regards"
@@ -426,6 +455,32 @@ _MAX_SIGNATURE_LINE = 80
 
 def _is_blank(line: str) -> bool:
     return not line.strip()
+
+
+def _is_device_line(line: str) -> bool:
+    """A "Sent from my iPhone" line: the device or app's tag, not a sentence that happens to
+    start with "Sent from my"."""
+    match = _DEVICE_LINE.match(line)
+    if match is None:
+        return False
+    rest = _DEVICE_LINE_EXTRAS.sub(" ", line[match.end() :]).strip().rstrip(".")
+    return len(rest) <= _MAX_DEVICE_NAME and _NOT_A_DEVICE.search(rest) is None
+
+
+def _is_dash_sign_off(lines: list[str], index: int) -> bool:
+    """lines[index] is "-Name" or "--Name", and not an item of a list written with dashes."""
+    match = _DASH_SIGN_OFF.match(lines[index])
+    # A capital, or a letter of a script without case (Chinese, Japanese, Arabic...).
+    if match is None or any(word[0].islower() for word in match.group(1).split()):
+        return False
+    before = next((lines[i] for i in range(index - 1, -1, -1) if not _is_blank(lines[i])), "")
+    after = next((lines[i] for i in range(index + 1, len(lines)) if not _is_blank(lines[i])), "")
+    # A list: the line before introduces it ("Please buy:") or a neighbour is an item too.
+    return not (
+        before.rstrip().endswith(":")
+        or before.lstrip().startswith("-")
+        or after.lstrip().startswith("-")
+    )
 
 
 def _header_blocks(lines: list[str], header: list[str | None]) -> list[bool]:
@@ -588,16 +643,32 @@ def _strip_quotes(lines: _Lines) -> tuple[list[str], bool]:
             blocks[-1] = (kind, blocks[-1][1], index)
         else:
             blocks.append((kind, index, index))
+    # Text after a ">" block answers it unless it is only a signature or a list's footer:
+    # a quote followed by "-- \nBob" or by Mailman's footer is still quoted history.
+    answers = [
+        not kind
+        and k > 0
+        and not _is_signature_only([text[i] for i in range(first, last + 1) if not dropped[i]])
+        for k, (kind, first, last) in enumerate(blocks)
+    ]
     last_quote = max((k for k, block in enumerate(blocks) if block[0]), default=-1)
     interleaved = any(
-        blocks[k][0] and not blocks[k + 1][0] and k + 2 <= last_quote
-        for k in range(len(blocks) - 1)
+        blocks[k][0] and answers[k + 1] and k + 2 <= last_quote for k in range(len(blocks) - 1)
     )
     for k, (kind, first, last) in enumerate(blocks):
-        answered = k + 1 < len(blocks) and not blocks[k + 1][0]
+        answered = k + 1 < len(blocks) and answers[k + 1]
         if kind and not (interleaved and answered):
             dropped[first : last + 1] = [True] * (last + 1 - first)
     return [line for line, gone in zip(text[:cut], dropped, strict=False) if not gone], cut < n
+
+
+def _is_signature_only(block: list[str]) -> bool:
+    """Whether these lines are all signature or footer, by the rules of _strip_signature
+    (which never strips a text's first line, hence the stand-in line above the block). A
+    long block is never only a signature: that also bounds the work per block."""
+    if len(block) > 2 * _MAX_SIGNATURE_TAIL:
+        return False
+    return _strip_signature(["x", "", *block]) == ["x"]
 
 
 def _is_marker(lines: _Lines, index: int) -> bool:
@@ -662,7 +733,21 @@ def _signature_start(lines: list[str]) -> int | None:
         line = lines[index][:_MAX_MATCH_LINE]
         if line.strip() == "--" and short_after(index, _MAX_SIGNATURE_TAIL, _MAX_SIGNATURE_LINE):
             return index
-        if _DEVICE_LINE.match(line) and short_after(index, 2, _MAX_SIGNATURE_LINE):
+        # A list's footer after a rule or "--": its lines are longer than a signature's.
+        if (
+            (line.strip() == "--" or _RULE.match(line))
+            and short_after(index, _MAX_FOOTER_LINES, _MAX_MATCH_LINE)
+            and any(_LIST_FOOTER.search(lines[i][:_MAX_MATCH_LINE]) for i in tail if i > index)
+        ):
+            return index
+        # At the end only: no question or sentence after it (then it is not the end).
+        if (
+            _is_device_line(line)
+            and short_after(index, 2, _MAX_SIGNATURE_LINE)
+            and name_like_after(index)
+        ):
+            return index
+        if _is_dash_sign_off(lines, index) and short_after(index, 3, 60) and name_like_after(index):
             return index
         # A bare rule is also how people set off a list or a section, so it only counts as
         # a signature delimiter when contact details follow it.
@@ -721,9 +806,12 @@ def strip_reply(text: str) -> str:
     and its German, French, Spanish, Dutch, Italian, Portuguese, Scandinavian, Czech,
     Polish and Russian forms, also wrapped over two or three lines), Outlook's
     "-----Original Message-----", "From:/Sent:/To:/Subject:" and "____" blocks, forward
-    markers, and a trailing signature: "-- " and what follows, "Sent from my ..." lines, a
-    sign-off with a short block after it, a trailing block of contact details. Answers
-    interleaved with quoted lines are kept with the lines they answer (see _strip_quotes).
+    markers, and a trailing signature: "-- " and what follows, a list's footer after a rule
+    or "--", a "Sent from my ..." device or app line at the end (never a sentence that
+    starts so), a sign-off ("Thanks,", or a dash sign-off "-Bob", "--Alice") with a short
+    block after it, a trailing block of contact details. Answers interleaved with quoted
+    lines are kept with the lines they answer (see _strip_quotes); a signature or footer
+    after a quote answers nothing, so that quote is history too.
     If nothing would be left (a message that is only a quote), the text is returned trimmed.
     """
     try:

@@ -2,6 +2,7 @@
 with real worker processes that hit their limits, die, hang or get cancelled."""
 
 import asyncio
+import base64
 import hashlib
 import io
 import multiprocessing
@@ -283,6 +284,123 @@ def test_charsets_that_are_not_safe_text_codecs_read_as_unknown(charset: str) ->
     raw = mail(f"Content-Type: text/plain; charset={charset}", body="caf\u00e9 x\r\n")
     message, _ = timed_parse(raw)
     assert message.text == "café x\n"
+
+
+# Characters that GBK has and GB2312 lacks: the second of each name, common in Chinese
+# personal names, so mail labelled GB2312 (which Chinese mail programs write for GBK text)
+# carries them.
+GBK_ONLY = "\u6731\u9555\u57fa \u9648\u5586"
+
+
+def test_gb2312_part_is_decoded_as_gbk() -> None:
+    raw = b"Subject: hi\r\nContent-Type: text/plain; charset=GB2312\r\n\r\n"
+    raw += f"{GBK_ONLY}\r\n".encode("gbk")
+    message, _ = timed_parse(raw)
+    assert message.text == f"{GBK_ONLY}\n"
+    assert message.reply_text == GBK_ONLY
+    assert not any("gb" in defect.lower() for defect in message.defects), message.defects
+
+
+def test_gb2312_aliases_and_encoded_words_are_decoded_as_gbk() -> None:
+    encoded = base64.b64encode(GBK_ONLY.encode("gbk")).decode("ascii")
+    raw = mail(
+        f"Subject: =?GB2312?B?{encoded}?=",
+        f"From: =?gb2312?B?{encoded}?= <a@example.com>",
+        "Content-Type: text/plain; charset=euc-cn",
+        body="",
+    ) + f"{GBK_ONLY}\r\n".encode("gbk")
+    message, _ = timed_parse(raw)
+    assert message.subject == GBK_ONLY
+    assert message.from_addresses == ((GBK_ONLY, "a@example.com"),)
+    assert message.text == f"{GBK_ONLY}\n"
+    assert_well_formed_values(message)
+
+
+def raw_header_mail(value: bytes, charset: str | None = None) -> bytes:
+    content_type = (
+        b"" if charset is None else b"Content-Type: text/plain; charset=%b\r\n" % (charset.encode())
+    )
+    return (
+        b"From: "
+        + value
+        + b" <a@example.com>\r\nTo: b@example.org\r\nSubject: "
+        + value
+        + b"\r\nMessage-ID: <raw@example.com>\r\n"
+        + content_type
+        + b"\r\nbody\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "body_charset"),
+    [
+        # RFC 6532: UTF-8 in header fields, the one legitimate form of raw 8-bit headers.
+        ("Ren\u00e9e M\u00fcller \u2014 caf\u00e9 \u263a", "utf-8", None),
+        # Legacy mail programs write their own code page unlabelled: Windows-1252 ...
+        ("\u00c7a co\u00fbte 5\u20ac chez Ren\u00e9e", "cp1252", None),
+        # ... or Latin-1, whose C1 bytes cp1252 lacks are rare; both read the same here.
+        ("J\u00fcrgen M\u00fcller", "latin-1", None),
+        # A legacy multibyte header whose message declares that charset for its text.
+        ("\u4f60\u597d\u4e16\u754c", "gbk", "gb2312"),
+        ("\u041f\u0440\u0438\u0432\u0435\u0442", "koi8-r", "koi8-r"),
+    ],
+)
+def test_raw_8bit_headers_are_decoded_by_detection(
+    text: str, encoding: str, body_charset: str | None
+) -> None:
+    message, _ = timed_parse(raw_header_mail(text.encode(encoding), body_charset))
+    assert message.subject == text
+    assert message.from_header == f"{text} <a@example.com>"
+    assert message.from_addresses == ((text, "a@example.com"),)
+    assert ("Subject", text) in message.headers
+    assert_well_formed_values(message)
+
+
+def test_raw_8bit_headers_are_decoded_by_detection_when_salvaged() -> None:
+    raw = raw_header_mail("Ren\u00e9e M\u00fcller".encode("cp1252"))
+    message = salvage_message(raw, LIMITS, "parse-crash")
+    assert message.subject == "Ren\u00e9e M\u00fcller"
+    assert message.from_header == "Ren\u00e9e M\u00fcller <a@example.com>"
+    assert_well_formed_values(message)
+
+
+def raw_8bit_mail(name: bytes, subject: bytes, body: bytes, charset: str, mid: str) -> bytes:
+    return (
+        b"From: " + name + b" <sender@client.example.com>\r\n"
+        b"To: support@example.org\r\nSubject: " + subject + b"\r\n"
+        b"Message-ID: <" + mid.encode() + b"@client.example.com>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body
+    )
+
+
+async def test_raw_8bit_headers_and_gb2312_text_are_stored_readable(
+    config: Config, gateway: Gateway
+) -> None:
+    # Through the real server and a parser worker into the database, where a staff notice
+    # reads the client's name, subject and text from. A Chinese mail program: raw GBK
+    # headers, GBK text labelled GB2312. A Western one: raw Windows-1252 headers.
+    chinese = ("\u9648\u5586", "\u53d1\u7968\u95ee\u9898", f"{GBK_ONLY}\r\n\r\n-\u9648\u5586")
+    western = (
+        "Ren\u00e9e M\u00fcller",
+        "Re\u00e7u: facture \u20ac 12",
+        "Merci.\r\n\r\n-Ren\u00e9e",
+    )
+    await send_message(
+        gateway,
+        raw_8bit_mail(*(part.encode("gbk") for part in chinese), charset="gb2312", mid="zh"),
+    )
+    await send_message(
+        gateway,
+        raw_8bit_mail(
+            *(part.encode("cp1252") for part in western), charset="windows-1252", mid="fr"
+        ),
+    )
+    stored = rows(config, "SELECT * FROM messages WHERE direction = 'in' ORDER BY id")
+    assert [(m["from_header"], m["subject"], m["text"]) for m in stored] == [
+        (f"{chinese[0]} <sender@client.example.com>", chinese[1], GBK_ONLY),
+        (f"{western[0]} <sender@client.example.com>", western[1], "Merci."),
+    ]
 
 
 # --- parse_message: limits --------------------------------------------------------------------

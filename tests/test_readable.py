@@ -139,6 +139,130 @@ def test_only_signature_and_quote_keeps_the_original() -> None:
     assert strip_reply(body) == body.strip()
 
 
+# --- issue 11: the text staff read in a notice -------------------------------------------
+
+MAILMAN_FOOTER = (
+    "_______________________________________________\n"
+    "users mailing list\n"
+    "users@lists.example.org\n"
+    "https://lists.example.org/mailman/listinfo/users"
+)
+# Google Groups writes its footer after "--" (often without the space of RFC 3676's "-- "),
+# in lines far longer than a signature's.
+GROUPS_FOOTER = (
+    "--\n"
+    'You received this message because you are subscribed to the Google Groups "Users" group.\n'
+    "To unsubscribe from this group and stop receiving emails from it, send an email to "
+    "users+unsubscribe@googlegroups.com.\n"
+    "To view this discussion on the web visit "
+    "https://groups.google.com/d/msgid/users/abc%40mail.example.com."
+)
+INTERLEAVED = "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes.\n> Thanks, Alice\n> Support\n\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # The last ">" block of an interleaved reply is followed only by the writer's
+        # signature or the list's footer: that is not an answer, so the block is history.
+        (
+            INTERLEAVED + "-- \nBob Example\nACME Ltd",
+            "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes.",
+        ),
+        (INTERLEAVED + "--\nBob Example", "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes."),
+        (INTERLEAVED + MAILMAN_FOOTER, "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes."),
+        (INTERLEAVED + GROUPS_FOOTER, "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes."),
+        (INTERLEAVED + "-Bob", "> Is it on?\nYes.\n> Is it plugged in?\nAlso yes."),
+        # A quote, the signature, then older history quoted below the signature.
+        ("Works now.\n\n> Please restart it.\n\n--\nBob\n\n> > older", "Works now."),
+        # Top-posted replies with a list footer after the quote, and footers on their own.
+        ("Thanks.\n\n> Please restart it.\n\n" + GROUPS_FOOTER, "Thanks."),
+        ("Thanks.\n\n> Please restart it.\n\n" + MAILMAN_FOOTER, "Thanks."),
+        ("Thanks, will do.\n\n" + GROUPS_FOOTER, "Thanks, will do."),
+        ("> Please restart it.\n\nDone, it works.\n\n" + GROUPS_FOOTER, "Done, it works."),
+    ],
+    ids=[
+        "interleaved-sig-delimiter",
+        "interleaved-bare-dashes",
+        "interleaved-mailman-footer",
+        "interleaved-groups-footer",
+        "interleaved-dash-sign-off",
+        "quote-sig-older-quote",
+        "top-post-groups-footer",
+        "top-post-mailman-footer",
+        "groups-footer-alone",
+        "bottom-post-groups-footer",
+    ],
+)
+def test_quote_followed_by_signature_or_list_footer_is_history(body: str, expected: str) -> None:
+    assert strip_reply(body) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "The printer works again.\n\n-Bob",
+        "The printer works again.\n-Bob",
+        "The printer works again.\n--Alice",
+        "The printer works again.\n\n-- Alice Example\nACME Ltd",
+        "The printer works again.\n-JD",
+        "The printer works again.\n\n-Zoë\nHead of IT\n+44 20 7946 0000",
+        "The printer works again.\n\n-\u9648\u5586",  # a name in a script without case
+    ],
+)
+def test_dash_sign_off_ends_the_text(body: str) -> None:
+    assert strip_reply(body) == "The printer works again."
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A list written with dashes, a negative number, a bullet with a space, an option.
+        "Please buy:\n-Milk\n-Eggs",
+        "It is cold outside\n-5 degrees",
+        "Who is on call:\n- Bob",
+        "Run the tool with\n-verbose",
+        # A dash line that is a sentence, not a name.
+        "I tried again.\n-It still jams on page two, what next?",
+    ],
+)
+def test_dash_lines_that_are_not_a_sign_off_are_kept(body: str) -> None:
+    assert strip_reply(body) == body
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "Sent from my iPhone",
+        "Sent from my Verizon, Samsung Galaxy smartphone",
+        "Sent from my BlackBerry 10 smartphone on the Verizon Wireless 4G LTE network.",
+        "Sent from my iPhone, please excuse typos",
+        "Sent from Yahoo Mail on Android",
+        "Sent from Mail for Windows 10",
+        "Sent with ProtonMail Secure Email.",
+        "Get Outlook for iOS<https://aka.ms/o0ukef>",
+    ],
+)
+def test_device_and_app_lines_at_the_end_are_removed(device: str) -> None:
+    assert strip_reply(f"It works.\n\n{device}") == "It works."
+    assert strip_reply(f"It works.\n\n{device}\nBob") == "It works."
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # "Sent from my ..." that starts a sentence of the message is the message.
+        "Hello,\n\nSent from my phone because the laptop will not start, can you swap it?",
+        "The report is below.\nSent from my laptop I get error 42 when I print.",
+        "Hello,\nSent from my home address yesterday but it bounced.\nBob",
+        # A device line with a question after it is not at the end of the text.
+        "It works.\n\nSent from my iPhone\nAlso, can you check the scanner?",
+    ],
+)
+def test_sent_from_in_a_sentence_is_kept(body: str) -> None:
+    assert strip_reply(body) == body
+
+
 # --- html_to_text and readable_text ----------------------------------------------------
 
 
@@ -306,6 +430,11 @@ HOSTILE = {
     "date colon lines": "2026/1/1 <a@example.com>:\n" * (MAX_INPUT_CHARS // 26),
     "signature delimiters": "-- \n" * (MAX_INPUT_CHARS // 4),
     "rules": "---\n" * (MAX_INPUT_CHARS // 4),
+    # Every text between quotes is checked for being only a signature or a list footer.
+    "quotes and signatures": "> q\n-- \nBob\n" * (MAX_INPUT_CHARS // 13),
+    "quotes and dash sign-offs": "> q\n\n-Bob\n" * (MAX_INPUT_CHARS // 11),
+    "quotes and footers": "> q\n--\nunsubscribe\n" * (MAX_INPUT_CHARS // 20),
+    "device lines": "Sent from my phone\n" * (MAX_INPUT_CHARS // 19),
     "one long line": "On " * (MAX_INPUT_CHARS // 3),
     "over the cap": "x" * (MAX_INPUT_CHARS * 3),
 }
