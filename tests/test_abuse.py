@@ -22,7 +22,7 @@ from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
 from gateway.pipeline import Envelope as IntakeEnvelope
 from gateway.pipeline import IntakeResult, IntakeStatus
-from gateway.server import ConnectionGate
+from gateway.server import ConnectionGate, DataSlots
 
 from .conftest import (
     DaemonProcess,
@@ -953,3 +953,34 @@ async def test_handler_timing_out_after_the_commit_gives_a_duplicate_not_a_loss(
     code, text = (await client.transaction(message, check=False)).reply
     assert text.startswith("250 2.0.0"), text
     filed_once(config, "<late-ack@client.example.com>")
+
+
+async def test_a_freed_data_slot_goes_to_the_first_waiter_that_may_use_it() -> None:
+    # One release wakes one waiter, the longest waiting one that may use the slot (first
+    # come, first served), never every waiter to race for it; a client at its share is
+    # passed over; a slot handed to a session that has gone is given back.
+    slots = DataSlots(total=2, per_client=1)
+    assert await slots.take("a", False, 1) and await slots.take("b", False, 1)
+    order: list[str] = []
+
+    async def wait_for_slot(key: str) -> None:
+        if await slots.take(key, False, 5):
+            order.append(key)
+
+    waiting = {key: asyncio.create_task(wait_for_slot(key)) for key in ("c", "a2", "d", "e")}
+    await asyncio.sleep(0)  # let every waiter queue
+    slots.release("a")
+    # A newcomer in the same instant does not overtake the waiters: the slot is "c"'s.
+    assert not await slots.take("x", False, 0.01)
+    assert order == ["c"] and slots.in_use == 2
+    slots.release("c")
+    await asyncio.sleep(0)
+    assert order == ["c", "a2"]
+    # "d" is next in line; its session goes away just as the slot is handed to it.
+    slots.release("b")
+    waiting["d"].cancel()
+    await asyncio.gather(waiting["d"], return_exceptions=True)
+    await asyncio.sleep(0)
+    assert order == ["c", "a2", "e"] and slots.in_use == 2
+    assert dict(slots._held) == {"a2": 1, "e": 1}
+    await asyncio.gather(*waiting.values(), return_exceptions=True)
