@@ -421,3 +421,45 @@ async def test_staff_lookalike_with_automatic_markers_is_held_as_lookalike(
     assert sent.accepted, f"refused at SMTP time: {sent.reply.text}"
     assert [e["reasons"][0] for e in held(config)] == ["lookalike"]
     assert [m["kind"] for m in received(config, 1)] == ["client"]
+
+
+def test_the_loop_count_reads_filed_mail_only_however_much_is_held(config: Config) -> None:
+    # The count behind item 5 must not grow with what is held in the sender's name: a
+    # looping or impersonated sender has most of its mail held, and a count that walked
+    # every held row would make each of its messages cost more than the one before.
+    from contextlib import closing
+
+    from gateway import store
+    from gateway.model import MessageKind, Via
+    from gateway.store.messages import Filing, StoredMessage
+
+    def message(n: int) -> StoredMessage:
+        stamp = f"2026-12-04T10:{n // 60:02d}:{n % 60:02d}.000000+00:00"
+        return StoredMessage(
+            queue_id=f"q{n}", received_at=stamp, mail_from="alice@client.example.com",
+            rcpt_to=("support@example.org",), peer="127.0.0.1:1", helo="client.example.com",
+            raw=b"x", sha256=f"{n:064x}", message_id=f"<{n}@client.example.com>",
+            from_header=None, subject=None, date_header=None, malformed=None, defects=(),
+            sender="alice@client.example.com",
+        )  # fmt: skip
+
+    def steps(held: int) -> int:
+        config.database_path.unlink(missing_ok=True)
+        with closing(store.connect(config.database_path)) as conn:
+            with store.write_transaction(conn):
+                for n in range(3):
+                    store.insert_message(
+                        conn, message(n), Filing(None, MessageKind.CLIENT, Via.NEW)
+                    )
+                for n in range(3, 3 + held):
+                    store.insert_message(conn, message(n), None)
+            counted: list[int] = []
+            conn.set_progress_handler(lambda: counted.append(1) and 0, 1)
+            found = store.count_inbound_from(
+                conn, "alice@client.example.com", since="2026-12-04T00:00:00", cap=5
+            )
+            conn.set_progress_handler(None, 0)
+            assert found == 3
+            return len(counted)
+
+    assert steps(2000) <= 2 * steps(2)
