@@ -16,7 +16,6 @@ from typing import TypedDict
 
 from ..businesstime import BusinessTimeError, when
 from ..clock import iso
-from ..config import UnitConfig
 from ..model import MessageKind, Status, TicketRef, Via
 from ..notify import Planner
 from ..store.commitments import close_commitment, current_commitment, set_commitment
@@ -245,13 +244,23 @@ def _first_response(
     """A ticket that (again) waits on us is due an answer `first_response` after now."""
     due = _rule_due(planner, unit, "first-response", now)
     _promise(
-        conn, ticket, due=due, set_by="gateway", note=None, rule="first-response", actor=actor,
+        conn,
+        ticket,
+        due=due,
+        set_by="gateway",
+        note=None,
+        rule="first-response",
+        actor=actor,
         now=now,
     )
 
 
 def _public_update(
-    conn: sqlite3.Connection, planner: Planner, ticket: int, staff: str | None, actor: str,
+    conn: sqlite3.Connection,
+    planner: Planner,
+    ticket: int,
+    staff: str | None,
+    actor: str,
     now: str,
 ) -> None:
     """The client heard from a person here: the promise is met (or was missed), and an
@@ -391,7 +400,13 @@ def staff_wrote(
         # ticket waits on us; a note is no update to the client, so it meets none.
         if due is not None and info["status"] in WAITS_ON_US:
             _promise(
-                conn, ticket, due=due, set_by=author, note=None, rule="stated", actor=actor,
+                conn,
+                ticket,
+                due=due,
+                set_by=author,
+                note=None,
+                rule="stated",
+                actor=actor,
                 now=now,
             )
         return StaffWrote(MessageKind.NOTE, row, filing, None, due)
@@ -625,4 +640,5 @@ def open_ticket(
         ticket=number,
         detail=dict(detail_ticket_created(row, unit, follows)),
     )
+    _first_response(conn, planner, number, unit, actor, now)
     return Opened(number, row)

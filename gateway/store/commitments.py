@@ -61,7 +61,9 @@ def set_commitment(
     return number
 
 
-def close_commitment(conn: sqlite3.Connection, ticket: int, *, updated: bool, now: str) -> Closed | None:
+def close_commitment(
+    conn: sqlite3.Connection, ticket: int, *, updated: bool, now: str
+) -> Closed | None:
     """Close the ticket's open commitment, if any, and clear its due time.
 
     `updated`: a public update reached the client now. Then the promise is `met` if it was
