@@ -92,6 +92,7 @@ async def test_new_request_opens_a_ticket(config: Config, gateway: Gateway) -> N
     created = rows(config, "SELECT actor, action FROM events WHERE ticket = 1")
     assert [(r["actor"], r["action"]) for r in created] == [
         ("alice@client.example.com", "ticket.created"),
+        ("alice@client.example.com", "commitment.set"),
         ("gateway", "mail.queued"),
     ]
 
