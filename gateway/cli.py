@@ -17,10 +17,11 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, store
+from . import __version__, businesstime, store
 from .actions import ActionError
 from .actions import outbox as outbox_actions
 from .actions import quarantine as quarantine_actions
@@ -28,7 +29,7 @@ from .actions import senders as sender_actions
 from .actions import tickets as ticket_actions
 from .actions.senders import printable, valid_address, valid_domain
 from .address import parse_sender
-from .clock import Clock
+from .clock import Clock, iso
 from .config import Config, ConfigError, config_path, config_warnings, load_config
 from .model import MessageKind
 from .notify import Planner
@@ -98,8 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     tlist = tickets_sub.add_parser("list", help="tickets, most recently updated first")
     tlist.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     tlist.add_argument("--unit", help="only this unit")
+    tlist.add_argument("--owner", metavar="ADDRESS", help="only this staff member's")
+    tlist.add_argument(
+        "--unassigned", action="store_true", help="only tickets waiting on us with no owner"
+    )
+    tlist.add_argument("--overdue", action="store_true", help="only tickets past their due time")
+    tlist.add_argument(
+        "--due-before", metavar="WHEN", help="only tickets due before WHEN (2h, tomorrow, ...)"
+    )
+    tlist.add_argument("--organisation", metavar="NAME", help="only this organisation's")
+    tlist.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help=f"show at most N (default {_TICKETS_TABLE_LIMIT} on a terminal; --json: all)",
+    )
     tlist.add_argument("--json", action="store_true", help="machine-readable output")
     tlist.set_defaults(handler=cmd_tickets_list)
+    tassign = tickets_sub.add_parser("assign", help="give a ticket an owner (a staff address)")
+    tassign.add_argument("number", type=_ticket_number, help="the ticket number")
+    tassign.add_argument("address", nargs="?", metavar="ADDRESS", help="the new owner")
+    tassign.add_argument("--none", action="store_true", help="leave the ticket without owner")
+    tassign.set_defaults(handler=cmd_tickets_assign)
+    tcommit = tickets_sub.add_parser("commit", help="promise the client's next update by WHEN")
+    tcommit.add_argument("number", type=_ticket_number, help="the ticket number")
+    tcommit.add_argument("when", metavar="WHEN", help="2h, 1d, tomorrow, friday, 2026-12-01T15:00")
+    tcommit.add_argument("--note", metavar="TEXT", help="what was promised (kept with it)")
+    tcommit.add_argument("--json", action="store_true", help="machine-readable output")
+    tcommit.set_defaults(handler=cmd_tickets_commit)
+    desk = commands.add_parser("desk", help="per unit: open, unassigned, overdue, due today")
+    desk.add_argument("--unit", metavar="U", help="only this unit")
+    desk.add_argument("--json", action="store_true", help="machine-readable output")
+    desk.set_defaults(handler=cmd_desk)
     tshow = tickets_sub.add_parser("show", help="one ticket with its messages")
     tshow.add_argument("number", type=_ticket_number, help="the ticket number (1234 or #1234)")
     tshow.add_argument("--json", action="store_true", help="machine-readable output")
@@ -110,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     treply.add_argument("number", type=_ticket_number, help="the ticket number")
     treply.add_argument("--from", dest="sender", required=True, help="your staff address")
     treply.add_argument(
-        "--status", choices=[s.value for s in Status], help="the status afterwards (pending)"
+        "--status",
+        choices=[s.value for s in Status],
+        help="the status afterwards (pending; open with --next)",
+    )
+    treply.add_argument(
+        "--next", dest="next_when", metavar="WHEN", help="promise the next update by WHEN"
     )
     treply.set_defaults(handler=cmd_tickets_reply)
     tstatus = tickets_sub.add_parser("status", help="change a ticket's status")
@@ -237,9 +273,49 @@ def _print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+# Rows `tickets list` prints on a terminal unless told (--limit); --json lists all.
+_TICKETS_TABLE_LIMIT = 50
+
+
+def _local(config: Config, unit: str, stamp: str | None) -> str:
+    """A stored UTC stamp as the unit's local time, for tables."""
+    if not stamp:
+        return ""
+    moment = config.unit(unit).hours.local(datetime.fromisoformat(stamp))
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
 def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
+    now = _clock(args).now()
+    due_before = None
+    if args.due_before is not None:
+        # WHEN is read in the listed unit's zone (else the first mailbox's unit).
+        unit = config.unit(args.unit or config.mailboxes[0].unit)
+        try:
+            due_before = iso(businesstime.when(args.due_before, now, unit.hours))
+        except businesstime.BusinessTimeError as exc:
+            raise CliError(f"--due-before: {exc}") from None
+    owner = None
+    if args.owner is not None:
+        owner = parse_sender(args.owner)
+        if owner is None:
+            raise CliError(f"--owner: {args.owner!r} is not an address")
+    limit = args.limit
+    if limit is None and not args.json and sys.stdout.isatty():
+        limit = _TICKETS_TABLE_LIMIT
     with closing(open_db(config)) as conn:
-        tickets = store.list_tickets(conn, status=args.status, unit=args.unit)
+        tickets = store.list_tickets(
+            conn,
+            now=iso(now),
+            status=args.status,
+            unit=args.unit,
+            owner=owner,
+            unassigned=args.unassigned,
+            overdue=args.overdue,
+            due_before=due_before,
+            organisation=args.organisation,
+            limit=limit,
+        )
     if args.json:
         _print_json(tickets)
         return 0
@@ -249,8 +325,10 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
     table = [
         (
             f"#{t['number']}",
-            t["status"],
+            t["status"] + (" OVERDUE" if t["overdue"] else ""),
             t["unit"],
+            t["owner"] or "-",
+            _local(config, t["unit"], t["next_update_due"]) or "-",
             t["requester"],
             str(t["message_count"]),
             t["updated_at"][:16].replace("T", " "),
@@ -258,7 +336,91 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
         )
         for t in tickets
     ]
-    _print_table(("TICKET", "STATUS", "UNIT", "REQUESTER", "MSGS", "UPDATED", "SUBJECT"), table)
+    header = ("TICKET", "STATUS", "UNIT", "OWNER", "DUE (LOCAL)", "REQUESTER", "MSGS", "UPDATED")
+    _print_table((*header, "SUBJECT"), table)
+    return 0
+
+
+def cmd_tickets_assign(config: Config, args: argparse.Namespace) -> int:
+    if args.none == (args.address is not None):
+        raise CliError("name the new owner (ADDRESS) or --none, not both")
+    owner = None
+    if args.address is not None:
+        owner = parse_sender(args.address)
+        if owner is None:
+            raise CliError(f"{args.address!r} is not an address")
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        old = ticket_actions.assign(
+            conn,
+            _planner(config, conn),
+            ticket=args.number,
+            owner=owner,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+        )
+    if old == owner:
+        print(f"#{args.number} is already {'unowned' if owner is None else owner + chr(39) + 's'}")
+    else:
+        print(f"#{args.number}: owner {old or '-'} -> {owner or '-'}")
+    return 0
+
+
+def cmd_tickets_commit(config: Config, args: argparse.Namespace) -> int:
+    actor = cli_actor()
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        due = ticket_actions.commit(
+            conn,
+            _planner(config, conn),
+            ticket=args.number,
+            when_text=args.when,
+            note=args.note,
+            set_by=actor,
+            actor=actor,
+            now=_clock(args).stamp(),
+        )
+        unit = store.ticket_desk_info(conn, args.number)
+    if args.json:
+        _print_json({"ticket": args.number, "next_update_due": due})
+        return 0
+    where = unit["unit"] if unit else config.mailboxes[0].unit
+    print(f"#{args.number}: next update due {_local(config, where, due)} ({where} time)")
+    return 0
+
+
+def cmd_desk(config: Config, args: argparse.Namespace) -> int:
+    now = _clock(args).now()
+    with closing(open_db(config)) as conn:
+        names = (
+            [args.unit]
+            if args.unit
+            else list(dict.fromkeys([*(u.name for u in config.units), *store.ticket_units(conn)]))
+        )
+        desks = []
+        for name in names:
+            hours = config.unit(name).hours
+            today = hours.local(now).date()
+            # The end of the unit's business day (or of the local day when it is closed).
+            if hours.is_business_day(today):
+                end = hours.end_of_day(today)
+            else:
+                end = datetime.combine(today, time(23, 59, 59), hours.zone).astimezone(UTC)
+            counts = store.desk_counts(conn, unit=name, now=iso(now), end_of_today=iso(end))
+            desks.append({"unit": name, **counts})
+    if args.json:
+        _print_json(desks)
+        return 0
+    table = [
+        (
+            str(d["unit"]),
+            str(d["open"]),
+            str(d["unassigned"]),
+            str(d["overdue"]),
+            str(d["due_today"]),
+            str(d["waiting_on_client"]),
+        )
+        for d in desks
+    ]
+    _print_table(("UNIT", "OPEN", "UNASSIGNED", "OVERDUE", "DUE TODAY", "WAITING ON CLIENT"), table)
     return 0
 
 
@@ -289,12 +451,14 @@ def cmd_tickets_reply(config: Config, args: argparse.Namespace) -> int:
             staff=sender,
             actor=cli_actor(),
             now=_clock(args).stamp(),
-            status=args.status or Status.PENDING.value,
+            status=args.status,
+            next_when=args.next_when,
         )
+    promised = f"; next update due {wrote.due}" if wrote.due else ""
     if wrote.kind is MessageKind.NOTE:
-        print(f"note added to #{args.number}")
+        print(f"note added to #{args.number}{promised}")
     else:
-        print(f"reply to #{args.number} queued; status {wrote.status}")
+        print(f"reply to #{args.number} queued; status {wrote.status}{promised}")
     return 0
 
 
@@ -320,7 +484,7 @@ def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     with closing(open_db(config)) as conn:
-        ticket = store.show_ticket(conn, args.number)
+        ticket = store.show_ticket(conn, args.number, now=_clock(args).stamp())
     if ticket is None:
         raise CliError(f"no ticket #{args.number}")
     if args.json:
@@ -329,6 +493,9 @@ def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     tag = config.tickets.tag.replace("{number}", str(ticket["number"]))
     print(f"{tag} {printable(ticket['subject'])}")
     print(f"status {ticket['status']}, unit {ticket['unit']}, requester {ticket['requester']}")
+    due = _local(config, ticket["unit"], ticket["next_update_due"])
+    late = " (OVERDUE)" if ticket["overdue"] else ""
+    print(f"owner {ticket['owner'] or '-'}, next update due {due or '-'}{late}")
     print(f"opened {ticket['created_at'][:16]}, updated {ticket['updated_at'][:16]}")
     if ticket["follows"]:
         print(f"follows up #{ticket['follows']}")

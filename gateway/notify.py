@@ -47,6 +47,13 @@ class MailKind(StrEnum):
     # cap of its own so that junk held mail can never use up the admins' attention.
     SECURITY_NOTICE = "security-notice"
     LOOP_NOTICE = "loop-notice"
+    # Staff notices: staff mail about a client's mail, to the ticket's owner or its unit's
+    # staff only (`Planner.staff_notice`).
+    STAFF_NEW_TICKET = "staff-new-ticket"
+    STAFF_CLIENT_REPLY = "staff-client-reply"
+
+
+STAFF_NOTICES = frozenset({MailKind.STAFF_NEW_TICKET, MailKind.STAFF_CLIENT_REPLY})
 
 
 # Quarantine reasons that make a held message's notice a security notice.
@@ -201,6 +208,67 @@ class Planner:
         )
         return Plan((mail,))
 
+    def staff_notice(
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        ticket: int,
+        record: StoredMessage,
+        now: str,
+    ) -> Plan:
+        """Tell the ticket's owner, or its unit's staff when it has none, of a client's
+        mail (`record`): a new ticket or a reply. Only mail a person wrote and that was
+        filed is news (held mail never reaches here; an auto-reply, bounce or list mail
+        is refused below); the notice goes to staff addresses only, never to the one who
+        wrote the mail, and its Reply-To is the ticket's reply token, so answering it is
+        a staff reply (authenticated like any, issue 9)."""
+        assert kind in STAFF_NOTICES
+        if record.classification != Classification.NORMAL:
+            return _withheld(kind, ticket, record.classification, now)
+        info = store.ticket_desk_info(conn, ticket)
+        if info is None:
+            return _withheld(kind, ticket, "no-ticket", now)
+        unit = self.config.unit(info["unit"])
+        owner = info["owner"]
+        candidates = [owner] if owner else list(unit.staff)
+        author = record.sender
+        recipients = [
+            to
+            for to in dict.fromkeys(candidates)
+            # Never a client, never the one who wrote it (a staff member told of their
+            # own mail), never an address that bounced.
+            if self.config.is_staff(to) and to != author and not store.is_undeliverable(conn, to)
+        ]
+        if not recipients:
+            return _withheld(kind, ticket, "no-staff", now)
+        due = ""
+        if info["next_update_due"]:
+            local = unit.hours.local(datetime.fromisoformat(info["next_update_due"]))
+            due = local.strftime("%a %d %b %Y %H:%M %Z")
+        extra = {
+            "client": sanitise_header(author or record.mail_from or "", 998),
+            "organisation": sanitise_header(info["organisation"] or "", 200),
+            "unit": info["unit"],
+            "owner": owner or "",
+            "due": due,
+            "text": record.text or "",
+        }
+        template = "staff_new_ticket" if kind is MailKind.STAFF_NEW_TICKET else "staff_client_reply"
+        mail = tuple(
+            self._plan(
+                conn,
+                kind,
+                ticket,
+                to=to,
+                now=now,
+                in_reply_to=None,
+                template=template,
+                extra=extra,
+            )
+            for to in recipients
+        )
+        return Plan(mail)
+
     def status_change(
         self, conn: sqlite3.Connection, ticket: int, old: str, new: str, now: str
     ) -> Plan:
@@ -330,6 +398,9 @@ class Planner:
         references: Sequence[str] | None = None,
         acknowledges: bool = False,
     ) -> PlannedMail:
+        # The last word on staff notices: they carry a client's words and a reply token
+        # that speaks to the client, so they go to staff and nobody else.
+        assert kind not in STAFF_NOTICES or self.config.is_staff(to), f"staff notice to {to}"
         info = store.ticket_mail_info(conn, ticket) if ticket is not None else None
         mailbox = self._mailbox(info["mailbox"] if info else None)
         reply_to = mailbox.address
@@ -408,6 +479,8 @@ _AUTO_SUBMITTED = {
     MailKind.QUARANTINE_NOTICE: "auto-generated",
     MailKind.SECURITY_NOTICE: "auto-generated",
     MailKind.LOOP_NOTICE: "auto-generated",
+    MailKind.STAFF_NEW_TICKET: "auto-generated",
+    MailKind.STAFF_CLIENT_REPLY: "auto-generated",
 }
 
 

@@ -29,6 +29,8 @@ TEMPLATE_NAMES = (
     "status_change",
     "quarantine_notice",
     "loop_notice",
+    "staff_new_ticket",
+    "staff_client_reply",
 )
 
 # The three files of one template, by the RenderedMail field each fills.
@@ -40,6 +42,9 @@ HTML_SUFFIX = ".html"
 # nothing else, so a template cannot depend on something the caller does not provide and
 # the acknowledgement can never quote the client's message (it is not given a body).
 COMMON_KEYS = frozenset({"desk", "mailbox", "reply_address", "recipient", "recipient_name"})
+# Staff notices (notify.Planner.staff_notice): the client's readable text, who they are,
+# the ticket's owner ("" for none) and due time (local to its unit, "" for none).
+_STAFF_NOTICE_KEYS = frozenset({"ticket", "client", "organisation", "unit", "owner", "due", "text"})
 CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "acknowledgement": COMMON_KEYS | {"ticket"},
@@ -47,6 +52,8 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
         "status_change": COMMON_KEYS | {"ticket", "old_status", "new_status"},
         "quarantine_notice": COMMON_KEYS | {"entry", "held_count", "cli"},
         "loop_notice": COMMON_KEYS | {"sender", "count", "threshold"},
+        "staff_new_ticket": COMMON_KEYS | _STAFF_NOTICE_KEYS,
+        "staff_client_reply": COMMON_KEYS | _STAFF_NOTICE_KEYS,
     }
 )
 # The keys of the mappings inside a context.
@@ -75,6 +82,21 @@ _ADMIN = {
     "reply_address": "support@example.org",
     "recipient": "admin@example.org",
     "recipient_name": "",
+}
+
+
+_STAFF = {
+    "desk": "Example Support",
+    "mailbox": "support@example.org",
+    "reply_address": "support+t12-abcdefghij@example.org",
+    "recipient": "bob@example.org",
+    "recipient_name": "",
+    "client": "alice@client.example.com",
+    "organisation": "Client Ltd",
+    "unit": "support",
+    "owner": "bob@example.org",
+    "due": "Mon 07 Dec 2026 13:00 GMT",
+    "text": "Hello,\n\nthe printer on floor 2 is on fire again.\n\nAlice",
 }
 
 
@@ -129,6 +151,8 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
         "loop_notice": _frozen(
             {**_ADMIN, "sender": "autoreply@client.example.com", "count": 24, "threshold": 20}
         ),
+        "staff_new_ticket": _frozen({**_STAFF, "ticket": _ticket("new"), "owner": ""}),
+        "staff_client_reply": _frozen({**_STAFF, "ticket": _ticket("open")}),
     }
 )
 
@@ -145,6 +169,8 @@ _VARIANTS: Mapping[str, tuple[Mapping[str, object], ...]] = MappingProxyType(
         ),
         "quarantine_notice": ({"held_count": 1},),
         "loop_notice": (),
+        "staff_new_ticket": ({"organisation": "", "due": "", "owner": "bob@example.org"},),
+        "staff_client_reply": ({"owner": "", "organisation": "", "due": ""},),
     }
 )
 _NO_SUBJECT: Mapping[str, object] = {"subject": ""}

@@ -132,7 +132,14 @@ def _times(n: Normaliser, text: str) -> str:
     return text
 
 
+# Due times of promises (issue 11): business time after the run's clock, so on a later day
+# than the run when it ends near closing time or a weekend.
+DUE_TIME = re.compile(
+    r'(?<="next_update_due": ")[0-9T:.+-]{32}(?=")|(?<="due": ")[0-9T:.+-]{32}(?=")'
+)
+
 NORMALISERS: list[tuple[str, Callable[[Normaliser, str], str]]] = [
+    ("due_time", _sub(DUE_TIME, lambda n, m: "<due>")),
     ("queue_id", _sub(QUEUE_ID, lambda n, m: f"<queue-id-{n.number('q', m.group(0))}>")),
     ("tempfail_ref", _sub(TEMPFAIL_REF, lambda n, m: "(ref <ref>)")),
     (

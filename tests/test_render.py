@@ -452,6 +452,8 @@ def test_the_context_contract() -> None:
         "status_change": {"ticket", "old_status", "new_status"},
         "quarantine_notice": {"entry", "held_count", "cli"},
         "loop_notice": {"sender", "count", "threshold"},
+        "staff_new_ticket": {"ticket", "client", "organisation", "unit", "owner", "due", "text"},
+        "staff_client_reply": {"ticket", "client", "organisation", "unit", "owner", "due", "text"},
     }
     assert FIELD_KEYS == {
         "ticket": {"number", "tag", "subject", "status"},

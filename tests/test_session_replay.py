@@ -38,8 +38,8 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     """Each named pattern rewrites its own kind of value and leaves its neighbours alone."""
     n = Normaliser(tmp="/tmp/gateway-session-x", run_days=("2030-01-02",), user="someone")
     assert [name for name, _ in NORMALISERS] == [
-        "queue_id", "tempfail_ref", "our_message_id", "reply_token_mac", "peer_port", "time",
-        "tmp_path", "cli_user",
+        "due_time", "queue_id", "tempfail_ref", "our_message_id", "reply_token_mac", "peer_port",
+        "time", "tmp_path", "cli_user",
     ]  # fmt: skip
     text = (
         "250 2.0.0 Ok: queued as 0123456789abcdef | queued as fedcba9876543210 | "
@@ -61,6 +61,11 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     )
     # A time on a day the run did not span is an input, not the run's clock: kept.
     assert n("2030-01-03T00:00:00.000000+00:00") == "2030-01-03T00:00:00.000000+00:00"
+    # A promise's due time is business time after the run's clock, on any day: blanked.
+    due = '"next_update_due": "2030-01-07T13:00:00.000000+00:00", "due": '
+    assert n(due + '"2030-01-07T13:00:00.000000+00:00"') == (
+        '"next_update_due": "<due>", "due": "<due>"'
+    )
 
 
 def test_a_difference_is_shown_as_a_diff_of_the_first_steps() -> None:

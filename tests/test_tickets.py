@@ -19,6 +19,7 @@ import pytest
 
 from gateway import store
 from gateway.app import Gateway
+from gateway.clock import Clock
 from gateway.config import Config
 from gateway.store import Filing, StoredMessage
 from gateway.tickets import make_token
@@ -39,12 +40,12 @@ def fixture(name: str, threading: str = "", **values: str) -> bytes:
 
 def tickets(config: Config, **filters: Any) -> list[dict[str, Any]]:
     with closing(store.connect(config.database_path)) as conn:
-        return store.list_tickets(conn, **filters)
+        return store.list_tickets(conn, now=Clock().stamp(), **filters)
 
 
 def ticket(config: Config, number: int) -> dict[str, Any]:
     with closing(store.connect(config.database_path)) as conn:
-        found = store.show_ticket(conn, number)
+        found = store.show_ticket(conn, number, now=Clock().stamp())
     assert found is not None
     return found
 
@@ -91,6 +92,7 @@ async def test_new_request_opens_a_ticket(config: Config, gateway: Gateway) -> N
     created = rows(config, "SELECT actor, action FROM events WHERE ticket = 1")
     assert [(r["actor"], r["action"]) for r in created] == [
         ("alice@client.example.com", "ticket.created"),
+        ("alice@client.example.com", "commitment.set"),
         ("gateway", "mail.queued"),
     ]
 

@@ -524,14 +524,17 @@ def file_message(
         return wrote.message, wrote.filing
     if decision.ticket is not None:
         ticket_actions.client_wrote(
-            conn, decision.ticket, sender=record.sender, actor=actor, now=now
+            conn, planner, decision.ticket, sender=record.sender, actor=actor, now=now
         )
         filing = Filing(decision.ticket.number, intake.kind, decision.via)
-        return save(filing), filing
+        row_id = save(filing)
+        _tell_staff(conn, planner, MailKind.STAFF_CLIENT_REPLY, decision.ticket.number, record, now)
+        return row_id, filing
 
     unit = store.organisation_unit(conn, organisation) if organisation else None
     opened = ticket_actions.open_ticket(
         conn,
+        planner,
         unit=unit or intake.mailbox.unit,
         mailbox=intake.mailbox.address,
         requester=record.sender or record.mail_from or "",
@@ -545,7 +548,27 @@ def file_message(
         now=now,
     )
     mail.write(conn, planner.acknowledge(conn, opened.ticket, record, now, intake.references))
+    _tell_staff(conn, planner, MailKind.STAFF_NEW_TICKET, opened.ticket, record, now)
     return opened.message, Filing(opened.ticket, intake.kind, decision.via)
+
+
+def _tell_staff(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    kind: MailKind,
+    ticket: int,
+    record: StoredMessage,
+    now: str,
+) -> None:
+    """A client's mail filed on a ticket that waits on us is news for its owner or unit's
+    staff (notify.Planner.staff_notice has the guards). Only the notices that go are
+    written: a unit with no staff (or an author who is its only staff) is no audit
+    matter, the ticket itself shows the mail."""
+    status = store.ticket_desk_info(conn, ticket)
+    if status is None or status["status"] not in ticket_actions.WAITS_ON_US:
+        return
+    for planned in planner.staff_notice(conn, kind, ticket, record, now).mail:
+        mail.queue(conn, planned)
 
 
 def _event_ticket(conn: sqlite3.Connection, queries: TicketQueries, intake: Intake) -> EventTicket:

@@ -6,21 +6,29 @@ event with one shape of detail (the `detail_*` builders below).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypedDict
 
+from ..businesstime import BusinessTimeError, when
+from ..clock import iso
 from ..model import MessageKind, Status, TicketRef, Via
 from ..notify import Planner
+from ..store.commitments import close_commitment, current_commitment, set_commitment
 from ..store.events import EventAction, record_event
 from ..store.messages import Filing, StoredMessage, insert_message
 from ..store.tickets import (
     add_participant,
     create_ticket,
+    set_last_public_update,
     set_ticket_organisation,
+    set_ticket_owner,
     set_ticket_status,
+    ticket_desk_info,
     ticket_mail_info,
     update_ticket,
 )
@@ -34,9 +42,46 @@ Save = Callable[[Filing], int]
 REOPENS = frozenset({Status.PENDING, Status.SOLVED})
 
 
+# A ticket in these statuses waits on us: it carries a promise (next_update_due).
+WAITS_ON_US = frozenset({Status.NEW, Status.OPEN})
+
+
 def is_note(text: str) -> bool:
     """Staff text whose first line starts "#note" is an internal note, never sent."""
     return text.lstrip().lower().startswith("#note")
+
+
+# "#next WHEN" on a line of its own, anywhere in the staff member's own text (quoted
+# history is already gone from the readable text).
+_NEXT_LINE = re.compile(r"[ \t]*#next(?:[ \t]+(.*?))?[ \t]*\r?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StaffCommands:
+    """The command lines of staff text, and the text without them (what a client gets)."""
+
+    take: bool  # "#take" as the first line
+    next: str | None  # the WHEN of the first "#next WHEN" line ("" when it names none)
+    text: str
+
+
+def staff_commands(text: str) -> StaffCommands:
+    """Read "#take" (the first line) and "#next WHEN" (any line) from staff text. Only
+    ever called for mail proven to be staff's (or the CLI): from a client they are text."""
+    body = text.strip()
+    first, _, rest = body.partition("\n")
+    take = first.strip().lower() == "#take"
+    if take:
+        body = rest
+    promise: str | None = None
+    kept = []
+    for line in body.split("\n"):
+        match = _NEXT_LINE.fullmatch(line)
+        if match is None:
+            kept.append(line)
+        elif promise is None:
+            promise = (match.group(1) or "").strip()
+    return StaffCommands(take, promise, "\n".join(kept).strip())
 
 
 # --- the audit details, one shape per action ---------------------------------------------
@@ -92,6 +137,179 @@ def detail_ticket_created(message: int, unit: str, follows: int | None) -> Ticke
     return {"message": message, "unit": unit, "follows": follows}
 
 
+TicketAssigned = TypedDict("TicketAssigned", {"from": str | None, "to": str | None})
+
+
+def detail_ticket_assigned(old: str | None, new: str | None) -> TicketAssigned:
+    return {"from": old, "to": new}
+
+
+class CommitmentSet(TypedDict):
+    due: str
+    set_by: str
+    note: str | None
+    # first-response (a new ticket, a client's reply that reopens one), update-every
+    # (after a public update that states no promise), stated (#next, --next, commit)
+    rule: str
+
+
+def detail_commitment_set(due: str, set_by: str, note: str | None, rule: str) -> CommitmentSet:
+    return {"due": due, "set_by": set_by, "note": note, "rule": rule}
+
+
+class CommitmentMet(TypedDict):
+    due: str
+    at: str  # the public update that met it
+
+
+def detail_commitment_met(due: str, at: str) -> CommitmentMet:
+    return {"due": due, "at": at}
+
+
+# --- owners and promises -----------------------------------------------------------------
+
+
+def assign(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    *,
+    ticket: int,
+    owner: str | None,
+    actor: str,
+    now: str,
+) -> str | None:
+    """Make `owner` (a staff address; None: nobody) the ticket's owner; returns the old one."""
+    if owner is not None and not planner.config.is_staff(owner):
+        raise ActionError(f"{owner} is not a staff address (only staff own tickets)")
+    info = ticket_desk_info(conn, ticket)
+    if info is None:
+        raise ActionError(f"no ticket #{ticket}")
+    old: str | None = info["owner"]
+    if old == owner:
+        return old
+    set_ticket_owner(conn, ticket, owner)
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=EventAction.TICKET_ASSIGNED,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail_ticket_assigned(old, owner)),
+    )
+    return old
+
+
+def promise_due(planner: Planner, unit: str, text: str, now: str) -> str:
+    """The stored due time of a promise written as WHEN, in the unit's business time;
+    BusinessTimeError when it is not one."""
+    hours = planner.config.unit(unit).hours
+    return iso(when(text, datetime.fromisoformat(now), hours))
+
+
+def _rule_due(planner: Planner, unit: str, rule: str, now: str) -> str:
+    config = planner.config.unit(unit)
+    duration = (
+        config.first_response_duration if rule == "first-response" else config.update_every_duration
+    )
+    return iso(config.hours.add(datetime.fromisoformat(now), duration))
+
+
+def _promise(
+    conn: sqlite3.Connection,
+    ticket: int,
+    *,
+    due: str,
+    set_by: str,
+    note: str | None,
+    rule: str,
+    actor: str,
+    now: str,
+) -> None:
+    set_commitment(conn, ticket, due=due, set_by=set_by, note=note, now=now)
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=EventAction.COMMITMENT_SET,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail_commitment_set(due, set_by, note, rule)),
+    )
+
+
+def _first_response(
+    conn: sqlite3.Connection, planner: Planner, ticket: int, unit: str, actor: str, now: str
+) -> None:
+    """A ticket that (again) waits on us is due an answer `first_response` after now."""
+    due = _rule_due(planner, unit, "first-response", now)
+    _promise(
+        conn,
+        ticket,
+        due=due,
+        set_by="gateway",
+        note=None,
+        rule="first-response",
+        actor=actor,
+        now=now,
+    )
+
+
+def _public_update(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    ticket: int,
+    staff: str | None,
+    actor: str,
+    now: str,
+) -> None:
+    """The client heard from a person here: the promise is met (or was missed), and an
+    unowned ticket is the replying staff member's from now on."""
+    closed = close_commitment(conn, ticket, updated=True, now=now)
+    set_last_public_update(conn, ticket, now)
+    if closed is not None and closed.state == "met":
+        record_event(
+            conn,
+            time=now,
+            actor=actor,
+            action=EventAction.COMMITMENT_MET,
+            subject=f"ticket:{ticket}",
+            ticket=ticket,
+            detail=dict(detail_commitment_met(closed.due, now)),
+        )
+    info = ticket_desk_info(conn, ticket)
+    if staff and info is not None and info["owner"] is None and planner.config.is_staff(staff):
+        assign(conn, planner, ticket=ticket, owner=staff, actor=actor, now=now)
+
+
+def commit(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    *,
+    ticket: int,
+    when_text: str,
+    note: str | None,
+    set_by: str,
+    actor: str,
+    now: str,
+) -> str:
+    """A promise stated with `gateway tickets commit`; returns its due time (stored form)."""
+    info = ticket_desk_info(conn, ticket)
+    if info is None:
+        raise ActionError(f"no ticket #{ticket}")
+    if info["status"] not in WAITS_ON_US:
+        raise ActionError(
+            f"#{ticket} is {info['status']}: only a ticket that waits on us (new, open) "
+            "carries a promise"
+        )
+    try:
+        due = promise_due(planner, info["unit"], when_text, now)
+    except BusinessTimeError as exc:
+        raise ActionError(str(exc)) from None
+    _promise(conn, ticket, due=due, set_by=set_by, note=note, rule="stated", actor=actor, now=now)
+    return due
+
+
 # --- staff write into a ticket -------------------------------------------------------------
 
 
@@ -101,6 +319,7 @@ class StaffWrote:
     message: int  # the stored note or reply
     filing: Filing  # how it was filed
     status: str | None  # the ticket's status afterwards (a reply sets it)
+    due: str | None = None  # the promise it stated, if any (stored form)
 
 
 def staff_wrote(
@@ -112,10 +331,11 @@ def staff_wrote(
     staff: str | None,
     actor: str,
     now: str,
-    status: str = Status.PENDING.value,
+    status: str | None = None,
     save: Save | None = None,
     via: Via = Via.CLI,
     released: bool = False,
+    next_when: str | None = None,
 ) -> StaffWrote:
     """Staff writing into a ticket, by mail or with `gateway tickets reply`: a public reply
     the client receives (the ticket then waits on them), or, with "#note" as its first line,
@@ -126,13 +346,40 @@ def staff_wrote(
     is refused (ActionError) when that mail cannot go. Mail already accepted cannot be
     refused: a reply that cannot go is audited as withheld.
 
-    Mail an admin released from the quarantine (`released`) is always a note: it was held
-    because nothing proved a staff member wrote it, and a release vouches that it may be
-    filed, not that its text may go to the client in the desk's name.
+    Command lines (`staff_commands`): "#take" first makes the writer the owner; "#next
+    WHEN" (or `next_when`, the CLI's --next) states the next promise, so the ticket stays
+    open, waiting on us, instead of pending. Both are stripped from what the client gets;
+    a mail with nothing else in it is filed as a note. A WHEN that is not one is refused
+    at the CLI; in mail it is dropped (the reply still goes; the default promise applies)
+    and named in the ticket.replied event.
+
+    Mail an admin released from the quarantine (`released`) is always a note, and its
+    command lines do nothing: it was held because nothing proved a staff member wrote
+    it, and a release vouches that it may be filed, not that its text may go to the
+    client in the desk's name nor act as staff.
     """
-    if ticket_mail_info(conn, ticket) is None:
+    info = ticket_desk_info(conn, ticket)
+    if info is None or ticket_mail_info(conn, ticket) is None:
         raise ActionError(f"no ticket #{ticket}")
-    if released or is_note(text):
+    commands = StaffCommands(False, None, text) if released else staff_commands(text)
+    text = commands.text
+    promise = next_when if next_when is not None else commands.next
+    due: str | None = None
+    promise_error: str | None = None
+    if promise is not None:
+        try:
+            due = promise_due(planner, info["unit"], promise, now)
+        except BusinessTimeError as exc:
+            if save is None:
+                raise ActionError(str(exc)) from None
+            promise_error = str(exc)
+    if due is not None and status is not None and status not in WAITS_ON_US:
+        raise ActionError(
+            f"a promise (--next) keeps #{ticket} waiting on us: it cannot be {status}"
+        )
+    if commands.take and staff:
+        assign(conn, planner, ticket=ticket, owner=staff, actor=actor, now=now)
+    if released or is_note(text) or not text:
         author = staff or "<>"
         if save is None:
             save = note_saver(conn, text, author, now)
@@ -149,22 +396,65 @@ def staff_wrote(
             ticket=ticket,
             detail=dict(detail_ticket_noted(row, released)),
         )
-        return StaffWrote(MessageKind.NOTE, row, filing, None)
+        # A promise in a note is kept (the staff member's word to the desk), while the
+        # ticket waits on us; a note is no update to the client, so it meets none.
+        if due is not None and info["status"] in WAITS_ON_US:
+            _promise(
+                conn,
+                ticket,
+                due=due,
+                set_by=author,
+                note=None,
+                rule="stated",
+                actor=actor,
+                now=now,
+            )
+        return StaffWrote(MessageKind.NOTE, row, filing, None, due)
+    # A reply waits on the client, unless it promises more from us.
+    new_status = status or (Status.OPEN.value if due is not None else Status.PENDING.value)
     if save is None:
         # Typed at the CLI: nothing is stored unless the mail to the client can go.
         plan = planner.staff_reply(conn, ticket, text, staff, now)
         if plan.why_not is not None:
             raise ActionError(f"cannot send the reply to #{ticket}: {plan.why_not}")
         [row] = mail.write(conn, plan)
-        old = set_ticket_status(conn, ticket, status, now)
-        _replied(conn, ticket, row, staff, actor, old, status, now)
-        return StaffWrote(MessageKind.STAFF, row, plan.mail[0].filing, status)
-    filing = Filing(ticket, MessageKind.STAFF, via)
-    row = save(filing)
-    old = set_ticket_status(conn, ticket, status, now)
-    _replied(conn, ticket, row, staff, actor, old, status, now)
-    mail.write(conn, planner.staff_reply(conn, ticket, text, staff, now))
-    return StaffWrote(MessageKind.STAFF, row, filing, status)
+        filing = plan.mail[0].filing
+        old = set_ticket_status(conn, ticket, new_status, now)
+        _replied(conn, ticket, row, staff, actor, old, new_status, now, promise_error)
+    else:
+        filing = Filing(ticket, MessageKind.STAFF, via)
+        row = save(filing)
+        old = set_ticket_status(conn, ticket, new_status, now)
+        _replied(conn, ticket, row, staff, actor, old, new_status, now, promise_error)
+        plan = planner.staff_reply(conn, ticket, text, staff, now)
+        mail.write(conn, plan)
+    if plan.why_not is None:
+        _public_update(conn, planner, ticket, staff, actor, now)
+    _after_status(conn, planner, ticket, info["unit"], new_status, actor, now, due, staff)
+    return StaffWrote(MessageKind.STAFF, row, filing, new_status, due)
+
+
+def _after_status(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    ticket: int,
+    unit: str,
+    status: str,
+    actor: str,
+    now: str,
+    due: str | None,
+    staff: str | None,
+) -> None:
+    """The promise a staff reply leaves: the one it stated, else `update_every` while the
+    ticket waits on us; none when it waits on the client or is done."""
+    if status not in WAITS_ON_US:
+        close_commitment(conn, ticket, updated=False, now=now)
+        return
+    rule = "stated" if due is not None else "update-every"
+    due = due or _rule_due(planner, unit, "update-every", now)
+    _promise(
+        conn, ticket, due=due, set_by=staff or actor, note=None, rule=rule, actor=actor, now=now
+    )
 
 
 def _replied(
@@ -176,7 +466,11 @@ def _replied(
     old: str | None,
     new: str,
     now: str,
+    promise_error: str | None = None,
 ) -> None:
+    detail: dict[str, object] = dict(detail_ticket_replied(row, staff, old, new))
+    if promise_error is not None:
+        detail["next_error"] = promise_error  # a "#next" in mail that named no time
     record_event(
         conn,
         time=now,
@@ -184,7 +478,7 @@ def _replied(
         action=EventAction.TICKET_REPLIED,
         subject=f"ticket:{ticket}",
         ticket=ticket,
-        detail=dict(detail_ticket_replied(row, staff, old, new)),
+        detail=detail,
     )
 
 
@@ -248,6 +542,11 @@ def set_status(
         ticket=ticket,
         detail=dict(detail_ticket_status(old, status, reason)),
     )
+    unit = ticket_desk_info(conn, ticket)
+    if status not in WAITS_ON_US:
+        close_commitment(conn, ticket, updated=False, now=now)
+    elif old not in WAITS_ON_US and unit is not None and current_commitment(conn, ticket) is None:
+        _first_response(conn, planner, ticket, unit["unit"], actor, now)
     plan = planner.status_change(conn, ticket, old, status, now)
     # A status change the client is not told about is said on the command line, not
     # audited as withheld mail.
@@ -261,6 +560,7 @@ def set_status(
 
 def client_wrote(
     conn: sqlite3.Connection,
+    planner: Planner,
     ticket: TicketRef,
     *,
     sender: str | None,
@@ -268,7 +568,9 @@ def client_wrote(
     now: str,
 ) -> None:
     """A client's mail threaded into a ticket: they take part, and a ticket that waits on
-    them or was solved is open again."""
+    them or was solved is open again, due an answer `first_response` from now (a ticket
+    already waiting on us keeps its promise). Nothing a client writes sets a promise or
+    an owner: "#next" and "#take" from a client are text."""
     reopen = ticket.status in REOPENS
     update_ticket(conn, ticket.number, now=now, status=Status.OPEN if reopen else None)
     if sender:
@@ -283,6 +585,13 @@ def client_wrote(
             ticket=ticket.number,
             detail=dict(detail_ticket_reopened(ticket.status)),
         )
+    info = ticket_desk_info(conn, ticket.number)
+    if (
+        info is not None
+        and info["status"] in WAITS_ON_US
+        and (reopen or info["next_update_due"] is None)
+    ):
+        _first_response(conn, planner, ticket.number, info["unit"], actor, now)
 
 
 @dataclass(frozen=True)
@@ -293,6 +602,7 @@ class Opened:
 
 def open_ticket(
     conn: sqlite3.Connection,
+    planner: Planner,
     *,
     unit: str,
     mailbox: str,
@@ -307,7 +617,8 @@ def open_ticket(
     now: str,
 ) -> Opened:
     """A new ticket for a message (its first), in its organisation's unit or the
-    mailbox's. The acknowledgement is the caller's to plan (it knows the message)."""
+    mailbox's, due a first answer `first_response` after now. The acknowledgement and the
+    staff notice are the caller's to plan (it knows the message)."""
     number = create_ticket(
         conn,
         unit=unit,
@@ -329,4 +640,5 @@ def open_ticket(
         ticket=number,
         detail=dict(detail_ticket_created(row, unit, follows)),
     )
+    _first_response(conn, planner, number, unit, actor, now)
     return Opened(number, row)

@@ -12,6 +12,10 @@ class EventAction(StrEnum):
     """Every action the audit trail records: who did what, to which ticket, sender,
     organisation, quarantine entry or mail. The stored value is the dotted name."""
 
+    COMMITMENT_MET = "commitment.met"
+    COMMITMENT_MISSED = "commitment.missed"
+    COMMITMENT_REMINDED = "commitment.reminded"
+    COMMITMENT_SET = "commitment.set"
     MAIL_QUEUED = "mail.queued"
     MAIL_WITHHELD = "mail.withheld"
     MESSAGE_FLAGGED = "message.flagged"
@@ -30,6 +34,7 @@ class EventAction(StrEnum):
     SENDER_REMOVED = "sender.removed"
     SENDER_UPDATED = "sender.updated"
     SENDERS_IMPORTED = "senders.imported"
+    TICKET_ASSIGNED = "ticket.assigned"
     TICKET_CREATED = "ticket.created"
     TICKET_NOTED = "ticket.noted"
     TICKET_REOPENED = "ticket.reopened"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import Status, TicketRef
+from .commitments import list_commitments
 
 
 def token_secret(conn: sqlite3.Connection) -> bytes:
@@ -142,6 +143,10 @@ def set_acknowledged(conn: sqlite3.Connection, ticket: int) -> None:
     conn.execute("UPDATE tickets SET acknowledged = 1 WHERE number = ?", (ticket,))
 
 
+# The `reasons` stored with our staff notices (json of [MailKind value]).
+STAFF_NOTICE_REASONS = ('["staff-new-ticket"]', '["staff-client-reply"]')
+
+
 def ticket_mail_info(conn: sqlite3.Connection, ticket: int) -> dict[str, Any] | None:
     """What a mail about a ticket needs: requester, mailbox, subject, status, and the
     Message-IDs on it in order (for References)."""
@@ -156,9 +161,12 @@ def ticket_mail_info(conn: sqlite3.Connection, ticket: int) -> dict[str, Any] | 
             """
             SELECT message_id FROM messages
             WHERE ticket = ? AND message_id IS NOT NULL AND duplicate_of IS NULL
+              AND NOT (direction = 'out' AND reasons IN (?, ?))
             ORDER BY id DESC LIMIT 20
             """,
-            (ticket,),
+            # Notices to staff are ours, never the client's thread: a reply to the
+            # client must not cite them (In-Reply-To, References).
+            (ticket, *STAFF_NOTICE_REASONS),
         )
     ]
     return {
@@ -168,6 +176,41 @@ def ticket_mail_info(conn: sqlite3.Connection, ticket: int) -> dict[str, Any] | 
         "status": row["status"],
         "message_ids": list(reversed(ids)),
     }
+
+
+def ticket_desk_info(conn: sqlite3.Connection, ticket: int) -> dict[str, Any] | None:
+    """What the desk knows of a ticket: status, unit, owner, requester, organisation name,
+    next_update_due (None for no ticket)."""
+    row = conn.execute(
+        """
+        SELECT t.status, t.unit, t.owner, t.requester, t.next_update_due, o.name AS org
+        FROM tickets t LEFT JOIN organisations o ON o.id = t.organisation
+        WHERE t.number = ?
+        """,
+        (ticket,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {
+        "status": row["status"],
+        "unit": row["unit"],
+        "owner": row["owner"],
+        "requester": row["requester"],
+        "organisation": row["org"],
+        "next_update_due": row["next_update_due"],
+    }
+
+
+def set_ticket_owner(conn: sqlite3.Connection, number: int, owner: str | None) -> str | None:
+    """Set (or with None clear) a ticket's owner; returns the old one."""
+    row = conn.execute("SELECT owner FROM tickets WHERE number = ?", (number,)).fetchone()
+    conn.execute("UPDATE tickets SET owner = ? WHERE number = ?", (owner, number))
+    return None if row is None else row["owner"]
+
+
+def set_last_public_update(conn: sqlite3.Connection, number: int, now: str) -> None:
+    """The client heard from a person here (a public staff reply) at `now`."""
+    conn.execute("UPDATE tickets SET last_public_update_at = ? WHERE number = ?", (now, number))
 
 
 def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: str) -> str | None:
@@ -183,12 +226,13 @@ def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: s
 
 _TICKET_COLUMNS = """
     t.number, t.status, t.subject, t.requester, t.unit, t.priority, t.follows,
-    t.created_at, t.updated_at,
+    t.created_at, t.updated_at, t.owner, t.next_update_due, t.last_public_update_at,
     (SELECT COUNT(*) FROM messages m WHERE m.ticket = t.number) AS message_count
 """
 
 
-def _ticket_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _ticket_dict(row: sqlite3.Row, now: str) -> dict[str, Any]:
+    due = row["next_update_due"]
     return {
         "number": row["number"],
         "status": row["status"],
@@ -200,35 +244,99 @@ def _ticket_dict(row: sqlite3.Row) -> dict[str, Any]:
         "message_count": row["message_count"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
+        "owner": row["owner"],
+        "next_update_due": due,
+        # Due and not yet answered by a public update (which moves or clears the due time).
+        "overdue": due is not None and due <= now,
+        "last_public_update_at": row["last_public_update_at"],
     }
 
 
 def list_tickets(
-    conn: sqlite3.Connection, *, status: str | None = None, unit: str | None = None
+    conn: sqlite3.Connection,
+    *,
+    now: str,
+    status: str | None = None,
+    unit: str | None = None,
+    owner: str | None = None,
+    unassigned: bool = False,
+    overdue: bool = False,
+    due_before: str | None = None,
+    organisation: str | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Tickets, most recently updated first, as the `tickets list --json` objects."""
-    clauses, params = [], []
+    """Tickets as the `tickets list --json` objects: most recently updated first, or by
+    due time (soonest first) when a due filter (`overdue`, `due_before`) is given."""
+    clauses: list[str] = []
+    params: list[Any] = []
     if status is not None:
         clauses.append("t.status = ?")
         params.append(status)
     if unit is not None:
         clauses.append("t.unit = ?")
         params.append(unit)
+    if owner is not None:
+        clauses.append("t.owner = ?")
+        params.append(owner)
+    if unassigned:
+        clauses.append("t.owner IS NULL AND t.status IN ('new', 'open')")
+    if overdue:
+        clauses.append("t.next_update_due <= ?")
+        params.append(now)
+    if due_before is not None:
+        clauses.append("t.next_update_due < ?")
+        params.append(due_before)
+    if organisation is not None:
+        clauses.append(
+            "t.organisation = (SELECT id FROM organisations WHERE name = ? COLLATE NOCASE)"
+        )
+        params.append(organisation)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = (
-        f"SELECT {_TICKET_COLUMNS} FROM tickets t {where} ORDER BY t.updated_at DESC, t.number DESC"
+    order = (
+        "t.next_update_due, t.number"
+        if overdue or due_before is not None
+        else "t.updated_at DESC, t.number DESC"
     )
-    return [_ticket_dict(row) for row in conn.execute(sql, params)]
+    sql = f"SELECT {_TICKET_COLUMNS} FROM tickets t {where} ORDER BY {order}"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [_ticket_dict(row, now) for row in conn.execute(sql, params)]
 
 
-def show_ticket(conn: sqlite3.Connection, number: int) -> dict[str, Any] | None:
+def desk_counts(
+    conn: sqlite3.Connection, *, unit: str, now: str, end_of_today: str
+) -> dict[str, int]:
+    """One unit's desk: open (waiting on us), unassigned, overdue, due today (by the end of
+    its business day, not yet overdue), waiting on the client."""
+    row = conn.execute(
+        """
+        SELECT
+          COUNT(*) FILTER (WHERE status IN ('new', 'open')) AS open,
+          COUNT(*) FILTER (WHERE status IN ('new', 'open') AND owner IS NULL) AS unassigned,
+          COUNT(*) FILTER (WHERE next_update_due <= ?) AS overdue,
+          COUNT(*) FILTER (WHERE next_update_due > ? AND next_update_due <= ?) AS due_today,
+          COUNT(*) FILTER (WHERE status = 'pending') AS waiting_on_client
+        FROM tickets WHERE unit = ?
+        """,
+        (now, now, end_of_today, unit),
+    ).fetchone()
+    return {key: int(row[key] or 0) for key in row.keys()}
+
+
+def ticket_units(conn: sqlite3.Connection) -> list[str]:
+    return [str(r[0]) for r in conn.execute("SELECT DISTINCT unit FROM tickets ORDER BY unit")]
+
+
+def show_ticket(conn: sqlite3.Connection, number: int, *, now: str) -> dict[str, Any] | None:
     """One ticket with its messages, oldest first, as the `tickets show --json` object."""
     row = conn.execute(
         f"SELECT {_TICKET_COLUMNS} FROM tickets t WHERE t.number = ?", (number,)
     ).fetchone()
     if row is None:
         return None
-    ticket = _ticket_dict(row)
+    ticket = _ticket_dict(row, now)
+    ticket["commitments"] = list_commitments(conn, number)
     messages = []
     for m in conn.execute(
         """
