@@ -47,6 +47,11 @@ class MailKind(StrEnum):
     # cap of its own so that junk held mail can never use up the admins' attention.
     SECURITY_NOTICE = "security-notice"
     LOOP_NOTICE = "loop-notice"
+    # The scheduler's mail to staff (never to a client): a promise about to fall due, a
+    # missed one, a unit's digest at the start of a business day.
+    REMINDER = "reminder"
+    ESCALATION = "escalation"
+    DIGEST = "digest"
 
 
 # Quarantine reasons that make a held message's notice a security notice.
@@ -290,6 +295,22 @@ class Planner:
             )
         return Plan(tuple(mail), held_back)
 
+    def to_staff(
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        ticket: int | None,
+        to: str,
+        now: str,
+        template: str,
+        extra: Mapping[str, object],
+    ) -> PlannedMail:
+        """The scheduler's mail to a staff address the caller chose (no caps: a reminder
+        or an escalation must not be lost to a flood); the caller checks it is staff."""
+        return self._plan(
+            conn, kind, ticket, to=to, now=now, in_reply_to=None, template=template, extra=extra
+        )
+
     def admin_cap(self, kind: MailKind) -> int:
         """The hourly cap of one kind of admin notice, per admin."""
         policy = self.config.policy
@@ -408,6 +429,9 @@ _AUTO_SUBMITTED = {
     MailKind.QUARANTINE_NOTICE: "auto-generated",
     MailKind.SECURITY_NOTICE: "auto-generated",
     MailKind.LOOP_NOTICE: "auto-generated",
+    MailKind.REMINDER: "auto-generated",
+    MailKind.ESCALATION: "auto-generated",
+    MailKind.DIGEST: "auto-generated",
 }
 
 

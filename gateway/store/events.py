@@ -12,6 +12,11 @@ class EventAction(StrEnum):
     """Every action the audit trail records: who did what, to which ticket, sender,
     organisation, quarantine entry or mail. The stored value is the dotted name."""
 
+    # The scheduler's (issue 11): a promise reminded of, missed (and escalated), a unit's
+    # digest of the day sent.
+    COMMITMENT_MISSED = "commitment.missed"
+    COMMITMENT_REMINDED = "commitment.reminded"
+    DIGEST_SENT = "digest.sent"
     MAIL_QUEUED = "mail.queued"
     MAIL_WITHHELD = "mail.withheld"
     MESSAGE_FLAGGED = "message.flagged"
