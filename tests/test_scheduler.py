@@ -327,3 +327,22 @@ async def test_dry_run_writes_nothing(desk: Config, start_gateway: Any) -> None:
     bad = await cli(desk, "scheduler", "run", "--now", "2026-12-08T15:00")
     assert bad.returncode == 2
     assert "--now" in bad.stderr
+
+
+def test_the_scheduler_queries_range_over_the_open_by_due_index(desk: Config) -> None:
+    """A pass every minute over a full desk must not scan every commitment ever made."""
+    from gateway.store import commitments
+
+    seen: list[str] = []
+    with closing(store.connect(desk.database_path)) as conn:
+        conn.set_trace_callback(seen.append)
+        now, later = stamp("2026-12-08T13:00:00+00:00"), stamp("2026-12-08T14:00:00+00:00")
+        commitments.due_for_reminder(conn, now=now, horizon=later, units=["support"])
+        commitments.due_for_reminder(conn, now=now, horizon=later, other_than=["support"])
+        commitments.due_for_escalation(conn, now=now)
+        conn.set_trace_callback(None)
+        for sql in seen:
+            plan = " ".join(str(row["detail"]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "USING INDEX commitments_open_by_due (due>? AND due<?)" in plan or (
+                "USING INDEX commitments_open_by_due (due<?)" in plan
+            ), plan

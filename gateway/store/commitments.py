@@ -43,10 +43,12 @@ class DueCommitment:
         )
 
 
+# CROSS JOIN keeps the commitments as the outer loop (SQLite does not reorder it): the
+# range over the partial index of open promises by due time, whatever the unit's size.
 _DUE = """
     SELECT c.id, c.ticket, c.due, c.set_by, c.note, c.created_at,
            t.unit, t.owner, t.requester, t.last_public_update_at
-    FROM commitments c JOIN tickets t ON t.number = c.ticket
+    FROM commitments c CROSS JOIN tickets t ON t.number = c.ticket
     WHERE c.state = 'open' AND t.status IN ('new', 'open')
 """
 
