@@ -21,7 +21,7 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, businesstime, store
+from . import __version__, businesstime, scheduler, store
 from .actions import ActionError
 from .actions import outbox as outbox_actions
 from .actions import quarantine as quarantine_actions
@@ -29,7 +29,7 @@ from .actions import senders as sender_actions
 from .actions import tickets as ticket_actions
 from .actions.senders import printable, valid_address, valid_domain
 from .address import parse_sender
-from .clock import Clock, iso
+from .clock import Clock, FixedClock, iso
 from .config import Config, ConfigError, config_path, config_warnings, load_config
 from .model import MessageKind
 from .notify import Planner
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quarantine_commands(commands)
     add_admin_commands(commands)
     add_outbox_commands(commands)
+    add_scheduler_commands(commands)
     return parser
 
 
@@ -723,6 +724,64 @@ SENDERS_CSV_HEADER = sender_actions.CSV_FIELDS
 _MAX_IMPORT_ERRORS = 50
 # Events the table shows when no --limit is given (--json shows all).
 _EVENTS_TABLE_LIMIT = 100
+
+
+# --- scheduler run (issue 11) --------------------------------------------------------------
+
+
+def add_scheduler_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    scheduler_cmd = commands.add_parser("scheduler", help="reminders, escalations, digests")
+    sub = scheduler_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    srun = sub.add_parser(
+        "run",
+        help="run one pass of reminders, escalations and digests, as if at --now",
+    )
+    srun.add_argument(
+        "--now",
+        type=_moment,
+        metavar="ISO",
+        help="the moment to run as, ISO 8601 with an offset (default: now)",
+    )
+    srun.add_argument(
+        "--dry-run", action="store_true", help="show what would be sent; write nothing"
+    )
+    srun.add_argument("--json", action="store_true", help="machine-readable output")
+    srun.set_defaults(handler=cmd_scheduler_run)
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date and time: {text!r}") from None
+    if moment.tzinfo is None:
+        # A bare local time names a different instant in every unit's zone.
+        raise argparse.ArgumentTypeError(f"give the offset too (e.g. {text}+00:00)")
+    return moment
+
+
+def cmd_scheduler_run(config: Config, args: argparse.Namespace) -> int:
+    # The one clock, fixed at --now: everything the pass stamps is stamped as of then.
+    clock = FixedClock(args.now) if args.now is not None else _clock(args)
+    now = clock.now()
+    with _admin_db(config) as conn:
+        done = scheduler.run_pass(config, conn, now, dry_run=args.dry_run)
+    if args.json:
+        _print_json(
+            {
+                "now": iso(now),
+                "dry_run": args.dry_run,
+                "actions": [d.to_json() for d in done],
+            }
+        )
+        return 0
+    if not done:
+        print(f"nothing due at {iso(now)}")
+    for d in done:
+        print(d.describe(args.dry_run))
+    return 0
 
 
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -51,6 +51,11 @@ class MailKind(StrEnum):
     # staff only (`Planner.staff_notice`).
     STAFF_NEW_TICKET = "staff-new-ticket"
     STAFF_CLIENT_REPLY = "staff-client-reply"
+    # The scheduler's mail to staff (never to a client): a promise about to fall due, a
+    # missed one, a unit's digest at the start of a business day.
+    REMINDER = "reminder"
+    ESCALATION = "escalation"
+    DIGEST = "digest"
 
 
 STAFF_NOTICES = frozenset({MailKind.STAFF_NEW_TICKET, MailKind.STAFF_CLIENT_REPLY})
@@ -358,6 +363,22 @@ class Planner:
             )
         return Plan(tuple(mail), held_back)
 
+    def to_staff(
+        self,
+        conn: sqlite3.Connection,
+        kind: MailKind,
+        ticket: int | None,
+        to: str,
+        now: str,
+        template: str,
+        extra: Mapping[str, object],
+    ) -> PlannedMail:
+        """The scheduler's mail to a staff address the caller chose (no caps: a reminder
+        or an escalation must not be lost to a flood); the caller checks it is staff."""
+        return self._plan(
+            conn, kind, ticket, to=to, now=now, in_reply_to=None, template=template, extra=extra
+        )
+
     def admin_cap(self, kind: MailKind) -> int:
         """The hourly cap of one kind of admin notice, per admin."""
         policy = self.config.policy
@@ -481,6 +502,9 @@ _AUTO_SUBMITTED = {
     MailKind.LOOP_NOTICE: "auto-generated",
     MailKind.STAFF_NEW_TICKET: "auto-generated",
     MailKind.STAFF_CLIENT_REPLY: "auto-generated",
+    MailKind.REMINDER: "auto-generated",
+    MailKind.ESCALATION: "auto-generated",
+    MailKind.DIGEST: "auto-generated",
 }
 
 

@@ -31,6 +31,9 @@ TEMPLATE_NAMES = (
     "loop_notice",
     "staff_new_ticket",
     "staff_client_reply",
+    "reminder",
+    "escalation",
+    "digest",
 )
 
 # The three files of one template, by the RenderedMail field each fills.
@@ -54,6 +57,17 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
         "loop_notice": COMMON_KEYS | {"sender", "count", "threshold"},
         "staff_new_ticket": COMMON_KEYS | _STAFF_NOTICE_KEYS,
         "staff_client_reply": COMMON_KEYS | _STAFF_NOTICE_KEYS,
+        # The scheduler's mail to staff (scheduler.py): a promise is about to fall due, a
+        # promise was missed, a unit's digest. `due` is the promise as people read it in
+        # the unit's zone; `owner` is "" when the ticket has none; `note` is "" without one.
+        "reminder": COMMON_KEYS
+        | {"ticket", "unit", "due", "due_in", "set_by", "note", "owner", "cli"},
+        "escalation": COMMON_KEYS
+        | {"ticket", "unit", "due", "late", "set_by", "note", "owner", "lead", "cli"},
+        # Each section a list of {number, tag, subject, owner, due} (at most
+        # scheduler.DIGEST_ITEMS); `counts` has every section's full count.
+        "digest": COMMON_KEYS
+        | {"unit", "day", "counts", "overdue", "due_today", "new", "unassigned", "cli"},
     }
 )
 # The keys of the mappings inside a context.
@@ -67,6 +81,29 @@ FIELD_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
 
 def _frozen(values: Mapping[str, object]) -> Mapping[str, object]:
     return MappingProxyType(dict(values))
+
+
+_STAFF = {
+    "desk": "Example Support",
+    "mailbox": "support@example.org",
+    "reply_address": "support+t12-abcdefghij@example.org",
+    "recipient": "bob@example.org",
+    "recipient_name": "",
+}
+_PROMISE = {
+    "unit": "support",
+    "due": "Tuesday 8 December 2026, 14:00 GMT",
+    "set_by": "bob@example.org",
+    "note": "waiting for the engineer's report",
+    "owner": "bob@example.org",
+    "cli": "gateway tickets show 12",
+}
+
+
+def _listed(number: int, subject: str, owner: str, due: str) -> Mapping[str, object]:
+    return _frozen(
+        {"number": number, "tag": f"[#{number}]", "subject": subject, "owner": owner, "due": due}
+    )
 
 
 _CLIENT = {
@@ -153,6 +190,49 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
         ),
         "staff_new_ticket": _frozen({**_STAFF, "ticket": _ticket("new"), "owner": ""}),
         "staff_client_reply": _frozen({**_STAFF, "ticket": _ticket("open")}),
+        "reminder": _frozen({**_STAFF, **_PROMISE, "ticket": _ticket("open"), "due_in": "1 hour"}),
+        "escalation": _frozen(
+            {
+                **_STAFF,
+                **_PROMISE,
+                "recipient": "lead@example.org",
+                "ticket": _ticket("open"),
+                "late": "2 hours 5 minutes",
+                "lead": "lead@example.org",
+            }
+        ),
+        "digest": _frozen(
+            {
+                **_STAFF,
+                "reply_address": "support@example.org",
+                "unit": "support",
+                "day": "Tuesday 8 December 2026",
+                "counts": _frozen({"overdue": 1, "due_today": 2, "new": 1, "unassigned": 30}),
+                "overdue": (
+                    _listed(
+                        12,
+                        "The printer on floor 2 is on fire",
+                        "bob@example.org",
+                        "Monday 7 December 2026, 17:30 GMT",
+                    ),
+                ),
+                "due_today": (
+                    _listed(14, "VPN drops every hour", "", "Tuesday 8 December 2026, 11:00 GMT"),
+                    _listed(
+                        15,
+                        "New starter needs a laptop",
+                        "carol@example.org",
+                        "Tuesday 8 December 2026, 17:30 GMT",
+                    ),
+                ),
+                "new": (_listed(16, "Password reset", "", "Tuesday 8 December 2026, 13:00 GMT"),),
+                "unassigned": (
+                    _listed(14, "VPN drops every hour", "", "Tuesday 8 December 2026, 11:00 GMT"),
+                    _listed(16, "Password reset", "", "Tuesday 8 December 2026, 13:00 GMT"),
+                ),
+                "cli": "gateway tickets list --unit support",
+            }
+        ),
     }
 )
 
@@ -171,6 +251,17 @@ _VARIANTS: Mapping[str, tuple[Mapping[str, object], ...]] = MappingProxyType(
         "loop_notice": (),
         "staff_new_ticket": ({"organisation": "", "due": "", "owner": "bob@example.org"},),
         "staff_client_reply": ({"owner": "", "organisation": "", "due": ""},),
+        "reminder": ({"owner": "", "note": ""},),
+        "escalation": ({"owner": "", "note": "", "lead": ""},),
+        "digest": (
+            {
+                "counts": _frozen({"overdue": 0, "due_today": 0, "new": 0, "unassigned": 0}),
+                "overdue": (),
+                "due_today": (),
+                "new": (),
+                "unassigned": (),
+            },
+        ),
     }
 )
 _NO_SUBJECT: Mapping[str, object] = {"subject": ""}

@@ -454,6 +454,9 @@ def test_the_context_contract() -> None:
         "loop_notice": {"sender", "count", "threshold"},
         "staff_new_ticket": {"ticket", "client", "organisation", "unit", "owner", "due", "text"},
         "staff_client_reply": {"ticket", "client", "organisation", "unit", "owner", "due", "text"},
+        "reminder": {"ticket", "unit", "due", "due_in", "set_by", "note", "owner", "cli"},
+        "escalation": {"ticket", "unit", "due", "late", "set_by", "note", "owner", "lead", "cli"},
+        "digest": {"unit", "day", "counts", "overdue", "due_today", "new", "unassigned", "cli"},
     }
     assert FIELD_KEYS == {
         "ticket": {"number", "tag", "subject", "status"},
@@ -497,7 +500,7 @@ def test_render_refuses_a_context_off_the_contract(shipped: Templates) -> None:
     with pytest.raises(ValueError, match="ticket must be a mapping"):
         shipped.render("acknowledgement", {**sample, "ticket": 12})
     with pytest.raises(ValueError, match="no such template"):
-        shipped.render("reminder", sample)
+        shipped.render("no_such_template", sample)
 
 
 # --- filters ------------------------------------------------------------------------------

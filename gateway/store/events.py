@@ -16,6 +16,9 @@ class EventAction(StrEnum):
     COMMITMENT_MISSED = "commitment.missed"
     COMMITMENT_REMINDED = "commitment.reminded"
     COMMITMENT_SET = "commitment.set"
+    # The scheduler's (issue 11): a promise reminded of, missed (and escalated), a unit's
+    # digest of the day sent.
+    DIGEST_SENT = "digest.sent"
     MAIL_QUEUED = "mail.queued"
     MAIL_WITHHELD = "mail.withheld"
     MESSAGE_FLAGGED = "message.flagged"
