@@ -122,12 +122,8 @@ _ADMIN = {
 }
 
 
-_STAFF = {
-    "desk": "Example Support",
-    "mailbox": "support@example.org",
-    "reply_address": "support+t12-abcdefghij@example.org",
-    "recipient": "bob@example.org",
-    "recipient_name": "",
+_STAFF_NOTICE = {
+    **_STAFF,
     "client": "alice@client.example.com",
     "organisation": "Client Ltd",
     "unit": "support",
@@ -188,8 +184,8 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
         "loop_notice": _frozen(
             {**_ADMIN, "sender": "autoreply@client.example.com", "count": 24, "threshold": 20}
         ),
-        "staff_new_ticket": _frozen({**_STAFF, "ticket": _ticket("new"), "owner": ""}),
-        "staff_client_reply": _frozen({**_STAFF, "ticket": _ticket("open")}),
+        "staff_new_ticket": _frozen({**_STAFF_NOTICE, "ticket": _ticket("new"), "owner": ""}),
+        "staff_client_reply": _frozen({**_STAFF_NOTICE, "ticket": _ticket("open")}),
         "reminder": _frozen({**_STAFF, **_PROMISE, "ticket": _ticket("open"), "due_in": "1 hour"}),
         "escalation": _frozen(
             {
