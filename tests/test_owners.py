@@ -374,3 +374,80 @@ async def test_cli_reply_with_next(
     assert run(config, clock, "tickets", "status", "1", "solved")[0] == 0
     assert ticket_row(config)["next_update_due"] is None
     assert run(config, clock, "tickets", "commit", "1", "2h")[0] == 1  # solved: no promise
+
+
+# --- the whole cycle (issue 11's end-to-end check) -----------------------------------------
+
+
+def scheduler_pass(config: Config, clock: FixedClock, now: str) -> list[tuple[str, int | None]]:
+    """One `gateway scheduler run --now` pass: (action, ticket) of each reminder and
+    escalation it sent (digests left out: a business day's first pass sends one)."""
+    did = run_json(config, clock, "scheduler", "run", "--now", now)
+    return [(a["action"], a.get("ticket")) for a in did["actions"] if a["action"] != "digest"]
+
+
+def scheduled(config: Config) -> list[tuple[str, str, int]]:
+    return [
+        (r["kind"], r["rcpt_to"], r["ticket"])
+        for r in rows(
+            config,
+            "SELECT kind, rcpt_to, ticket FROM outbox WHERE kind IN ('reminder', 'escalation')"
+            " ORDER BY id",
+        )
+    ]
+
+
+async def test_the_desk_cycle_notice_promise_reminder_escalation(
+    config: Config, gateway: Gateway, clock: FixedClock, start_gateway: Any
+) -> None:
+    # Monday 10:00: Alice writes; the unit's staff are told.
+    await open_ticket(gateway)
+    notices = outbox(config, "staff-new-ticket")
+    assert sorted(m["to"] for m in notices) == ["bob@example.org", "carol@example.org"]
+    # Bob answers the notice by mail and promises an update by the end of tomorrow.
+    await staff_mail(
+        gateway,
+        "bob@example.org",
+        "#next tomorrow\r\nWe are on it: the engineer visits tomorrow.\r\n",
+        in_reply_to=notices[0]["message_id"],
+    )
+    [reply] = outbox(config, "staff-reply")
+    assert reply["to"] == "alice@client.example.com"
+    assert "#next" not in reply["spec"]["context"]["body"]
+    assert ticket_row(config)["next_update_due"] == "2026-12-01T17:30:00.000000+00:00"
+
+    # Ticket 2 at the same time: its first response is due at 14:00, and Bob's public
+    # update at 11:00 keeps that promise (he promises Friday): nothing must fire for it.
+    await send_message(gateway, make_message(subject="VPN drops", body="It drops.\r\n"))
+    clock.set(datetime(2026, 11, 30, 11, 0, tzinfo=UTC))
+    await staff_mail(gateway, "bob@example.org", "#next friday\r\nLooking.\r\n", ticket=2)
+    assert ticket_row(config, 2)["next_update_due"] == "2026-12-04T17:30:00.000000+00:00"
+    assert scheduler_pass(config, clock, "2026-11-30T13:30:00+00:00") == []
+    assert scheduler_pass(config, clock, "2026-11-30T14:30:00+00:00") == []
+
+    # Tuesday: before the reminder window nothing; in it one reminder to the owner, once.
+    assert scheduler_pass(config, clock, "2026-12-01T16:00:00+00:00") == []
+    assert scheduler_pass(config, clock, "2026-12-01T16:45:00+00:00") == [("reminder", 1)]
+    assert scheduler_pass(config, clock, "2026-12-01T17:00:00+00:00") == []
+    assert scheduled(config) == [("reminder", "bob@example.org", 1)]
+    # Past the due time with no public update: one escalation, to the lead and the owner.
+    assert scheduler_pass(config, clock, "2026-12-01T18:00:00+00:00") == [("escalation", 1)]
+    assert scheduler_pass(config, clock, "2026-12-01T18:30:00+00:00") == []
+    escalations = [s for s in scheduled(config) if s[0] == "escalation"]
+    assert sorted(to for _, to, _ in escalations) == ["bob@example.org", "lead@example.org"]
+    clock.set(datetime(2026, 12, 1, 18, 30, tzinfo=UTC))
+    assert run_json(config, clock, "tickets", "show", "1")["overdue"] is True
+
+    # A restart catches up once at start: nothing is sent again.
+    sent = len(scheduled(config))
+    await gateway.stop(grace=5)
+    clock.set(datetime(2026, 12, 1, 19, 0, tzinfo=UTC))
+    again: Gateway = await start_gateway(config, clock=clock, seed=False)
+    assert again.port
+    assert scheduler_pass(config, clock, "2026-12-01T19:05:00+00:00") == []
+    assert len(scheduled(config)) == sent
+    # Nothing of this reached a client.
+    for mail in outbox(config):
+        if mail["kind"] in (*STAFF_NOTICES, "reminder", "escalation", "digest"):
+            assert config.is_staff(mail["to"]) or mail["to"] == "lead@example.org", mail
+    assert {"commitment.reminded", "commitment.missed", "commitment.met"} <= set(actions(config))

@@ -69,8 +69,15 @@ def open_promise(
     state: str = "open",
     note: str | None = None,
 ) -> int:
-    """A commitment row as the setting actions write it (due and times in UTC ISO)."""
+    """A commitment row as the setting actions write it (due and times in UTC ISO). It
+    replaces the promise the ticket was given when it opened (its first response), as a
+    staff member's own promise does."""
     with closing(store.connect(config.database_path)) as conn, store.write_transaction(conn):
+        conn.execute(
+            "UPDATE commitments SET state = 'replaced', closed_at = ?"
+            " WHERE ticket = ? AND state = 'open'",
+            (stamp(created), ticket),
+        )
         cursor = conn.execute(
             "INSERT INTO commitments (ticket, due, set_by, note, state, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -239,16 +246,21 @@ async def test_digest_once_per_unit_per_business_day(desk: Config, start_gateway
 
     assert (await run(desk, "2026-12-05T10:00:00+00:00"))["actions"] == []  # Saturday
     assert (await run(desk, "2026-12-06T12:00:00+00:00"))["actions"] == []  # Sunday
-    # Tuesday before opening: the overdue promise escalates, no digest yet.
+    # Tuesday before opening: the overdue promise escalates, and so does the brand new
+    # ticket's first response (due Monday 13:00: opened on Saturday, 4 business hours from
+    # Monday's opening); no digest yet.
     did = await run(desk, "2026-12-08T08:59:00+00:00")
-    assert [a["action"] for a in did["actions"]] == ["escalation"]
+    assert sorted((a["action"], a["ticket"]) for a in did["actions"]) == [
+        ("escalation", overdue),
+        ("escalation", fresh),
+    ]
     did = await run(desk, "2026-12-08T09:00:00+00:00")
     assert fired(did) == []
     [digest] = fired(did, digests=True)
     assert digest["action"] == "digest"
     assert digest["unit"] == "support"
     assert digest["to"] == list(STAFF)
-    assert digest["counts"] == {"overdue": 1, "due_today": 1, "new": 1, "unassigned": 2}
+    assert digest["counts"] == {"overdue": 2, "due_today": 1, "new": 1, "unassigned": 2}
     assert scheduled_mail(desk, "digest") == [("digest", s, None) for s in STAFF]
     [spec] = rows(
         desk,
@@ -257,7 +269,7 @@ async def test_digest_once_per_unit_per_business_day(desk: Config, start_gateway
         (STAFF[0],),
     )
     context = json.loads(spec["spec"])["context"]
-    assert [t["number"] for t in context["overdue"]] == [overdue]
+    assert [t["number"] for t in context["overdue"]] == [overdue, fresh]
     assert [t["number"] for t in context["due_today"]] == [today]
     assert [t["number"] for t in context["new"]] == [fresh]
 
@@ -301,7 +313,9 @@ async def test_scheduled_mail_goes_to_staff_only(desk: Config, start_gateway: An
         ("escalation", "no-staff"),
     }
     # The missed promise of the unit nobody works is still marked, and only once.
-    [row] = rows(desk, "SELECT state FROM commitments WHERE ticket = ?", (billing,))
+    [row] = rows(
+        desk, "SELECT state FROM commitments WHERE ticket = ? AND state != 'replaced'", (billing,)
+    )
     assert row["state"] == "missed"
 
 
@@ -315,7 +329,9 @@ async def test_dry_run_writes_nothing(desk: Config, start_gateway: Any) -> None:
     assert did["dry_run"] is True
     assert [a["action"] for a in did["actions"]] == ["escalation", "digest"]
     assert rows(desk, outbox)[0]["n"] == before
-    [row] = rows(desk, "SELECT state, reminded_at, escalated_at FROM commitments")
+    [row] = rows(
+        desk, "SELECT state, reminded_at, escalated_at FROM commitments WHERE state != 'replaced'"
+    )
     assert tuple(row) == ("open", None, None)
 
     # The text form, for admins.

@@ -39,7 +39,7 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     n = Normaliser(tmp="/tmp/gateway-session-x", run_days=("2030-01-02",), user="someone")
     assert [name for name, _ in NORMALISERS] == [
         "due_time", "queue_id", "tempfail_ref", "our_message_id", "reply_token_mac", "peer_port",
-        "time", "tmp_path", "cli_user",
+        "time", "due_time_in_tables", "tmp_path", "cli_user",
     ]  # fmt: skip
     text = (
         "250 2.0.0 Ok: queued as 0123456789abcdef | queued as fedcba9876543210 | "
@@ -66,6 +66,10 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     assert n(due + '"2030-01-07T13:00:00.000000+00:00"') == (
         '"next_update_due": "<due>", "due": "<due>"'
     )
+    # In a text table, to the minute: a due time on a later day reads as one on the day.
+    assert n("#37  new  2030-01-07 13:00  a@b") == "#37  new  <time>  a@b"
+    # Seconds are not a table's due time: kept.
+    assert n("2030-01-07 13:00:05") == "2030-01-07 13:00:05"
 
 
 def test_a_difference_is_shown_as_a_diff_of_the_first_steps() -> None:
