@@ -124,7 +124,17 @@ _MILD_PHRASES: tuple[tuple[str, str | None], ...] = (
 
 # A negation this close before a phrase (in words) turns it off.
 _NEGATION_WINDOW = 3
-_NEGATION = re.compile(r"\b(?:not|no|never|without|nothing|hardly)\b|n't\b|n\u2019t\b")
+_NEGATION = re.compile(r"\b(?:not|no|never|without|nothing|hardly|cannot)\b|n't\b|n\u2019t\b")
+# Negations that intensify rather than deny: "never been so disappointed", "can't believe
+# how frustrating", "couldn't be more disappointed". Removed before the negation check.
+_INTENSIFYING = re.compile(
+    r"\bnever\s+(?:been|felt|seen|was|were)\b"
+    r"|\b(?:can(?:'|\u2019)?t|cannot)\s+believe\b"
+    r"|\bcould(?:n't|n\u2019t|\s+not)\s+be\b"
+)
+# Where a sentence ends: a negation before it does not reach the phrase. A single newline
+# does not end one (mail is wrapped at ~72 characters); a blank line does.
+_SENTENCE_END = re.compile(r"[.!?;:]|\n\s*\n")
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
 
 
@@ -158,7 +168,7 @@ def _extra(phrases: tuple[str, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
 def _negated(text: str, start: int) -> bool:
     before = text[max(0, start - 80) : start]
     # The last few words before the phrase, within its sentence.
-    before = re.split(r"[.!?;:\n]", before)[-1]
+    before = _INTENSIFYING.sub(" ", _SENTENCE_END.split(before)[-1])
     words = _WORD.findall(before)[-_NEGATION_WINDOW:]
     return any(_NEGATION.search(w) for w in words)
 

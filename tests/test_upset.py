@@ -735,8 +735,17 @@ def test_negation_turns_a_phrase_off() -> None:
         "No need to escalate.",
     ):
         assert _decide(text).hits == (), text
-    # But only close before it, and within its sentence.
+    # Across a wrapped line, but only close before it, and within its sentence.
+    assert _decide("We were not\ndisappointed.").hits == ()
     assert _decide("No. This is disappointing.").upset
+    assert _decide("No.\n\nThis is disappointing").upset
+    # A negation that intensifies is no negation.
+    for text in (
+        "I have never been so disappointed.",
+        "I can't believe how frustrating this is.",
+        "We couldn't be more disappointed.",
+    ):
+        assert _decide(text).upset, text
 
 
 def test_harmless_nouns_do_not_hit() -> None:
