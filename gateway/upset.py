@@ -24,12 +24,13 @@ upset only when it says so outright (a strong complaint phrase), and the weaker 
     frustration_phrase   2 each  a milder phrase: "escalate", "still waiting",
                                  "third time", "how many times", ...
     shouting             2       a line or the subject mostly in capitals (see _shouts)
-    exclamations         1       "!!!" or more, or several "!!" / "?!"
+    exclamations         1       "!!!" or more, or three runs like "!!" / "?!"
     chasing              2       the client wrote before since our last public update
     overdue              2       the ticket's promise to the client is overdue
 
 A phrase preceded within three words by a negation ("not", "no", "never", "n't", "without")
-does not hit: "not disappointed", "no complaints", "no need to escalate".
+does not hit: "not disappointed", "no complaints", "no need to escalate"; one that
+intensifies is no negation: "never been so disappointed", "can't believe how frustrating".
 """
 
 from __future__ import annotations
