@@ -37,6 +37,8 @@ STAGES = frozenset(
         "parserpool",
         "bounce",
         "mailbuild",
+        "urgency",
+        "upset",
     )
 )
 
