@@ -234,6 +234,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_filed_by_sender ON messages (sender, received_at)
         WHERE direction = 'in' AND kind IS NOT NULL AND duplicate_of IS NULL;
     """,
+    # 9: urgency and upset clients (issue 12). tickets.priority exists since migration 2
+    # ('normal' or 'urgent'); the reasons of each signal are kept as JSON lists, and
+    # upset_notified_on (the unit's local date) makes the account manager's notice once per
+    # ticket per day.
+    """
+    ALTER TABLE tickets ADD COLUMN urgency_reasons TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tickets ADD COLUMN upset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tickets ADD COLUMN upset_reasons TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tickets ADD COLUMN upset_notified_on TEXT;
+    CREATE INDEX tickets_by_priority ON tickets (priority, status) WHERE priority != 'normal';
+    CREATE INDEX tickets_upset ON tickets (status) WHERE upset = 1;
+    """,
 )
 
 
