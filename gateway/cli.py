@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--due-before", metavar="WHEN", help="only tickets due before WHEN (2h, tomorrow, ...)"
     )
     tlist.add_argument("--organisation", metavar="NAME", help="only this organisation's")
+    tlist.add_argument("--urgent", action="store_true", help="only urgent tickets")
     tlist.add_argument(
         "--limit",
         type=_positive_int,
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     tstatus.add_argument("status", choices=[s.value for s in Status])
     tstatus.add_argument("--reason", help="why (kept in the audit trail)")
     tstatus.set_defaults(handler=cmd_tickets_status)
+    tpriority = tickets_sub.add_parser("priority", help="mark a ticket urgent, or normal again")
+    tpriority.add_argument("number", type=_ticket_number, help="the ticket number")
+    tpriority.add_argument("priority", choices=["urgent", "normal"])
+    tpriority.set_defaults(handler=cmd_tickets_priority)
     add_quarantine_commands(commands)
     add_admin_commands(commands)
     add_outbox_commands(commands)
@@ -315,6 +320,7 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
             overdue=args.overdue,
             due_before=due_before,
             organisation=args.organisation,
+            urgent=args.urgent,
             limit=limit,
         )
     if args.json:
@@ -480,6 +486,20 @@ def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
     why_not = changed.why_not
     told = "the client is told" if why_not is None else f"no mail to the client ({why_not})"
     print(f"#{args.number}: {changed.old} -> {args.status}; {told}")
+    return 0
+
+
+def cmd_tickets_priority(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        changed = ticket_actions.set_priority(
+            conn,
+            _planner(config, conn),
+            ticket=args.number,
+            priority=args.priority,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+        )
+    print(f"#{args.number}: {'now' if changed else 'already'} {args.priority}")
     return 0
 
 

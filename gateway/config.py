@@ -16,6 +16,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -249,9 +250,19 @@ class CommitmentsConfig:
     update_every: str = "2d"
     # How long before a due time the reminder goes out.
     remind_before: str = "1h"
+    # When an urgent ticket is due its first answer: wall-clock time, not business time
+    # (an outage at 22:00 on a Saturday is not answered on Monday). `d` is 24 hours here.
+    urgent_first_response: str = "30m"
 
 
-_COMMITMENT_KEYS = ("first_response", "update_every", "remind_before")
+_COMMITMENT_KEYS = ("first_response", "update_every", "remind_before", "urgent_first_response")
+
+
+@dataclass(frozen=True)
+class UrgencyConfig:
+    # Words or phrases (not regexes) that make a client's mail urgent, on top of the
+    # built-in outage and security phrases (gateway/urgency.py PHRASES).
+    phrases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +292,7 @@ class UnitConfig:
     first_response: str = CommitmentsConfig.first_response
     update_every: str = CommitmentsConfig.update_every
     remind_before: str = CommitmentsConfig.remind_before
+    urgent_first_response: str = CommitmentsConfig.urgent_first_response
 
     @functools.cached_property
     def hours(self) -> BusinessHours:
@@ -307,6 +319,12 @@ class UnitConfig:
     def remind_before_duration(self) -> Duration:
         return businesstime.parse_duration(self.remind_before)
 
+    @property
+    def urgent_first_response_wall(self) -> timedelta:
+        """urgent_first_response as wall-clock time (a day is 24 hours)."""
+        duration = businesstime.parse_duration(self.urgent_first_response)
+        return timedelta(days=duration.days, minutes=duration.minutes)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -322,6 +340,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     commitments: CommitmentsConfig = field(default_factory=CommitmentsConfig)
+    urgency: UrgencyConfig = field(default_factory=UrgencyConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -427,6 +446,7 @@ _SECTIONS = {
     "templates",
     "commitments",
     "unit",
+    "urgency",
 }
 
 
@@ -456,6 +476,10 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     if not isinstance(raw_units, list) or not all(isinstance(u, dict) for u in raw_units):
         raise ConfigError("unit: must be an array of tables ([[unit]])")
     units = tuple(_build_unit(unit, i, commitments) for i, unit in enumerate(raw_units))
+    urgency = _build(UrgencyConfig, _table(data, "urgency"), "urgency")
+    for i, phrase in enumerate(urgency.phrases):
+        if not phrase.strip():
+            raise ConfigError(f"urgency.phrases[{i}]: must not be blank")
     config = Config(
         path=path,
         smtp=smtp,
@@ -469,6 +493,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         delivery=delivery,
         templates=templates,
         commitments=commitments,
+        urgency=urgency,
         units=units,
     )
     _validate(config)
@@ -667,6 +692,7 @@ def _default_unit(name: str, commitments: CommitmentsConfig) -> UnitConfig:
         first_response=commitments.first_response,
         update_every=commitments.update_every,
         remind_before=commitments.remind_before,
+        urgent_first_response=commitments.urgent_first_response,
     )
 
 

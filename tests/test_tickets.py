@@ -92,6 +92,8 @@ async def test_new_request_opens_a_ticket(config: Config, gateway: Gateway) -> N
     created = rows(config, "SELECT actor, action FROM events WHERE ticket = 1")
     assert [(r["actor"], r["action"]) for r in created] == [
         ("alice@client.example.com", "ticket.created"),
+        # "error 500" in the first lines: a server error is urgent (issue 12, urgency.py).
+        ("alice@client.example.com", "ticket.urgent"),
         ("alice@client.example.com", "commitment.set"),
         ("gateway", "mail.queued"),
     ]

@@ -44,6 +44,7 @@ from ..tickets import (
     thread_message,
     verify_token,
 )
+from ..urgency import UrgencyFacts, assess, phrase_table
 from . import mail
 from . import tickets as ticket_actions
 
@@ -74,6 +75,9 @@ class Intake:
     skeleton: str | None
     references: tuple[str, ...] = ()  # the message's own References header, in order
     released: bool = False  # an admin released it from the quarantine: they vouch for it
+    # Why a client's mail is urgent (urgency.assess reasons; () when it is not, and always
+    # for staff and automatic mail).
+    urgency: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,20 @@ def intake_of(
         skeleton=skeleton(sender) if sender else None,
         references=parsed.references,
         released=released,
+        urgency=urgency_of(config, parsed, classification, said.staff),
     )
+
+
+def urgency_of(
+    config: Config, parsed: InboundMessage, classification: Classification, staff: bool
+) -> tuple[str, ...]:
+    """[urgency] the reasons a client's mail is urgent. Staff mail is not a client's report
+    (staff set urgency with "#urgent"); automatic mail never is (urgency.assess). The text
+    is the reply text: quoted history and the signature never count."""
+    if staff:
+        return ()
+    facts = UrgencyFacts.of(parsed.subject, parsed.reply_text, parsed.headers, classification.kind)
+    return assess(facts, phrase_table(config.urgency.phrases)).reasons
 
 
 def own_identity(config: Config) -> OwnIdentity:
@@ -524,7 +541,13 @@ def file_message(
         return wrote.message, wrote.filing
     if decision.ticket is not None:
         ticket_actions.client_wrote(
-            conn, planner, decision.ticket, sender=record.sender, actor=actor, now=now
+            conn,
+            planner,
+            decision.ticket,
+            sender=record.sender,
+            actor=actor,
+            now=now,
+            urgency=intake.urgency,
         )
         filing = Filing(decision.ticket.number, intake.kind, decision.via)
         row_id = save(filing)
@@ -546,6 +569,7 @@ def file_message(
         save=save,
         actor=actor,
         now=now,
+        urgency=intake.urgency,
     )
     mail.write(conn, planner.acknowledge(conn, opened.ticket, record, now, intake.references))
     _tell_staff(conn, planner, MailKind.STAFF_NEW_TICKET, opened.ticket, record, now)

@@ -9,7 +9,7 @@ import hashlib
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypedDict
@@ -27,9 +27,11 @@ from ..store.tickets import (
     set_last_public_update,
     set_ticket_organisation,
     set_ticket_owner,
+    set_ticket_priority,
     set_ticket_status,
     ticket_desk_info,
     ticket_mail_info,
+    ticket_priority,
     update_ticket,
 )
 from . import mail
@@ -54,6 +56,8 @@ def is_note(text: str) -> bool:
 # "#next WHEN" on a line of its own, anywhere in the staff member's own text (quoted
 # history is already gone from the readable text).
 _NEXT_LINE = re.compile(r"[ \t]*#next(?:[ \t]+(.*?))?[ \t]*\r?", re.IGNORECASE)
+# "#urgent" on a line of its own, anywhere: the writer marks the ticket urgent (issue 12).
+_URGENT_LINE = re.compile(r"[ \t]*#urgent[ \t]*\r?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -63,25 +67,30 @@ class StaffCommands:
     take: bool  # "#take" as the first line
     next: str | None  # the WHEN of the first "#next WHEN" line ("" when it names none)
     text: str
+    urgent: bool = False  # an "#urgent" line
 
 
 def staff_commands(text: str) -> StaffCommands:
-    """Read "#take" (the first line) and "#next WHEN" (any line) from staff text. Only
-    ever called for mail proven to be staff's (or the CLI): from a client they are text."""
+    """Read "#take" (the first line), "#next WHEN" and "#urgent" (any line) from staff
+    text. Only ever called for mail proven to be staff's (or the CLI): from a client they
+    are text."""
     body = text.strip()
     first, _, rest = body.partition("\n")
     take = first.strip().lower() == "#take"
     if take:
         body = rest
     promise: str | None = None
+    urgent = False
     kept = []
     for line in body.split("\n"):
         match = _NEXT_LINE.fullmatch(line)
-        if match is None:
+        if _URGENT_LINE.fullmatch(line):
+            urgent = True
+        elif match is None:
             kept.append(line)
         elif promise is None:
             promise = (match.group(1) or "").strip()
-    return StaffCommands(take, promise, "\n".join(kept).strip())
+    return StaffCommands(take, promise, "\n".join(kept).strip(), urgent)
 
 
 # --- the audit details, one shape per action ---------------------------------------------
@@ -149,7 +158,9 @@ class CommitmentSet(TypedDict):
     set_by: str
     note: str | None
     # first-response (a new ticket, a client's reply that reopens one), update-every
-    # (after a public update that states no promise), stated (#next, --next, commit)
+    # (after a public update that states no promise), stated (#next, --next, commit),
+    # urgent-first-response (a first response to an urgent ticket, or a promise brought
+    # forward when the ticket became urgent)
     rule: str
 
 
@@ -164,6 +175,21 @@ class CommitmentMet(TypedDict):
 
 def detail_commitment_met(due: str, at: str) -> CommitmentMet:
     return {"due": due, "at": at}
+
+
+class TicketUrgent(TypedDict):
+    reasons: list[str]  # the hits that made it urgent (urgency.py reasons, or "staff")
+
+
+def detail_ticket_urgent(reasons: list[str]) -> TicketUrgent:
+    return {"reasons": reasons}
+
+
+TicketPriority = TypedDict("TicketPriority", {"from": str, "to": str})
+
+
+def detail_ticket_priority(old: str, new: str) -> TicketPriority:
+    return {"from": old, "to": new}
 
 
 # --- owners and promises -----------------------------------------------------------------
@@ -238,21 +264,109 @@ def _promise(
     )
 
 
+def _urgent_due(planner: Planner, unit: str, now: str) -> str:
+    # Wall-clock time: an outage is answered at night and at weekends too (issue 12).
+    return iso(datetime.fromisoformat(now) + planner.config.unit(unit).urgent_first_response_wall)
+
+
 def _first_response(
     conn: sqlite3.Connection, planner: Planner, ticket: int, unit: str, actor: str, now: str
 ) -> None:
-    """A ticket that (again) waits on us is due an answer `first_response` after now."""
-    due = _rule_due(planner, unit, "first-response", now)
+    """A ticket that (again) waits on us is due an answer `first_response` after now, an
+    urgent one `urgent_first_response` (wall-clock)."""
+    found = ticket_priority(conn, ticket)
+    if found is not None and found[0] == "urgent":
+        due, rule = _urgent_due(planner, unit, now), "urgent-first-response"
+    else:
+        due, rule = _rule_due(planner, unit, "first-response", now), "first-response"
     _promise(
         conn,
         ticket,
         due=due,
         set_by="gateway",
         note=None,
-        rule="first-response",
+        rule=rule,
         actor=actor,
         now=now,
     )
+
+
+def mark_urgent(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    ticket: int,
+    reasons: Sequence[str],
+    *,
+    actor: str,
+    now: str,
+) -> bool:
+    """Make a ticket urgent for `reasons` (appended to the ones it has); True when it
+    became urgent now. Becoming urgent is audited once (ticket.urgent), and a ticket
+    waiting on us whose promise is later than `urgent_first_response` from now has it
+    brought forward: the client reports an outage, the 4 business hours no longer hold."""
+    found = ticket_priority(conn, ticket)
+    if found is None:
+        raise ActionError(f"no ticket #{ticket}")
+    priority, known = found
+    merged = list(dict.fromkeys([*known, *reasons]))
+    if priority == "urgent" and merged == known:
+        return False
+    set_ticket_priority(conn, ticket, "urgent", merged)
+    if priority == "urgent":
+        return False
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=EventAction.TICKET_URGENT,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail_ticket_urgent(list(reasons))),
+    )
+    info = ticket_desk_info(conn, ticket)
+    if info is not None and info["status"] in WAITS_ON_US:
+        due = _urgent_due(planner, info["unit"], now)
+        if info["next_update_due"] is not None and info["next_update_due"] > due:
+            _promise(
+                conn,
+                ticket,
+                due=due,
+                set_by="gateway",
+                note=None,
+                rule="urgent-first-response",
+                actor=actor,
+                now=now,
+            )
+    return True
+
+
+def set_priority(
+    conn: sqlite3.Connection, planner: Planner, *, ticket: int, priority: str, actor: str, now: str
+) -> bool:
+    """Staff set a ticket's priority (`gateway tickets priority`); True when it changed.
+    Back to normal clears the reasons: later mail is assessed afresh."""
+    found = ticket_priority(conn, ticket)
+    if found is None:
+        raise ActionError(f"no ticket #{ticket}")
+    if priority == "urgent":
+        if found[0] == "urgent":
+            return False
+        return mark_urgent(conn, planner, ticket, ["staff"], actor=actor, now=now)
+    if priority != "normal":
+        raise ActionError(f"priority must be urgent or normal, got {priority!r}")
+    if found[0] == "normal":
+        return False
+    set_ticket_priority(conn, ticket, "normal", [])
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=EventAction.TICKET_PRIORITY,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail_ticket_priority(found[0], "normal")),
+    )
+    return True
 
 
 def _public_update(
@@ -379,6 +493,8 @@ def staff_wrote(
         )
     if commands.take and staff:
         assign(conn, planner, ticket=ticket, owner=staff, actor=actor, now=now)
+    if commands.urgent:
+        mark_urgent(conn, planner, ticket, ["staff"], actor=actor, now=now)
     if released or is_note(text) or not text:
         author = staff or "<>"
         if save is None:
@@ -566,11 +682,13 @@ def client_wrote(
     sender: str | None,
     actor: str,
     now: str,
+    urgency: Sequence[str] = (),
 ) -> None:
     """A client's mail threaded into a ticket: they take part, and a ticket that waits on
     them or was solved is open again, due an answer `first_response` from now (a ticket
     already waiting on us keeps its promise). Nothing a client writes sets a promise or
-    an owner: "#next" and "#take" from a client are text."""
+    an owner: "#next" and "#take" from a client are text. `urgency`: the reasons its mail
+    is urgent (urgency.assess), which make the ticket urgent (`mark_urgent`)."""
     reopen = ticket.status in REOPENS
     update_ticket(conn, ticket.number, now=now, status=Status.OPEN if reopen else None)
     if sender:
@@ -585,6 +703,8 @@ def client_wrote(
             ticket=ticket.number,
             detail=dict(detail_ticket_reopened(ticket.status)),
         )
+    if urgency:
+        mark_urgent(conn, planner, ticket.number, urgency, actor=actor, now=now)
     info = ticket_desk_info(conn, ticket.number)
     if (
         info is not None
@@ -615,10 +735,12 @@ def open_ticket(
     save: Save,
     actor: str,
     now: str,
+    urgency: Sequence[str] = (),
 ) -> Opened:
     """A new ticket for a message (its first), in its organisation's unit or the
-    mailbox's, due a first answer `first_response` after now. The acknowledgement and the
-    staff notice are the caller's to plan (it knows the message)."""
+    mailbox's, due a first answer `first_response` after now (`urgent_first_response`,
+    wall-clock, when `urgency` names reasons its mail is urgent). The acknowledgement and
+    the staff notice are the caller's to plan (it knows the message)."""
     number = create_ticket(
         conn,
         unit=unit,
@@ -640,5 +762,7 @@ def open_ticket(
         ticket=number,
         detail=dict(detail_ticket_created(row, unit, follows)),
     )
+    if urgency:
+        mark_urgent(conn, planner, number, urgency, actor=actor, now=now)
     _first_response(conn, planner, number, unit, actor, now)
     return Opened(number, row)

@@ -40,9 +40,13 @@ class EventAction(StrEnum):
     TICKET_ASSIGNED = "ticket.assigned"
     TICKET_CREATED = "ticket.created"
     TICKET_NOTED = "ticket.noted"
+    # Issue 12: a ticket became urgent (by its mail's urgency rules or by staff), once per
+    # change; staff set its priority back to normal.
+    TICKET_PRIORITY = "ticket.priority"
     TICKET_REOPENED = "ticket.reopened"
     TICKET_REPLIED = "ticket.replied"
     TICKET_STATUS = "ticket.status"
+    TICKET_URGENT = "ticket.urgent"
 
 
 def record_event(

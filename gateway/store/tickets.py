@@ -208,6 +208,25 @@ def set_ticket_owner(conn: sqlite3.Connection, number: int, owner: str | None) -
     return None if row is None else row["owner"]
 
 
+def ticket_priority(conn: sqlite3.Connection, number: int) -> tuple[str, list[str]] | None:
+    """(priority, urgency reasons) of a ticket; None for no ticket."""
+    row = conn.execute(
+        "SELECT priority, urgency_reasons FROM tickets WHERE number = ?", (number,)
+    ).fetchone()
+    if row is None:
+        return None
+    return str(row["priority"]), list(json.loads(row["urgency_reasons"]))
+
+
+def set_ticket_priority(
+    conn: sqlite3.Connection, number: int, priority: str, reasons: Sequence[str]
+) -> None:
+    conn.execute(
+        "UPDATE tickets SET priority = ?, urgency_reasons = ? WHERE number = ?",
+        (priority, json.dumps(list(reasons), ensure_ascii=False), number),
+    )
+
+
 def set_last_public_update(conn: sqlite3.Connection, number: int, now: str) -> None:
     """The client heard from a person here (a public staff reply) at `now`."""
     conn.execute("UPDATE tickets SET last_public_update_at = ? WHERE number = ?", (now, number))
@@ -225,7 +244,7 @@ def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: s
 
 
 _TICKET_COLUMNS = """
-    t.number, t.status, t.subject, t.requester, t.unit, t.priority, t.follows,
+    t.number, t.status, t.subject, t.requester, t.unit, t.priority, t.urgency_reasons, t.follows,
     t.created_at, t.updated_at, t.owner, t.next_update_due, t.last_public_update_at,
     (SELECT COUNT(*) FROM messages m WHERE m.ticket = t.number) AS message_count
 """
@@ -240,6 +259,7 @@ def _ticket_dict(row: sqlite3.Row, now: str) -> dict[str, Any]:
         "requester": row["requester"],
         "unit": row["unit"],
         "priority": row["priority"],
+        "urgency_reasons": json.loads(row["urgency_reasons"]),
         "follows": row["follows"],
         "message_count": row["message_count"],
         "created_at": row["created_at"],
@@ -263,6 +283,7 @@ def list_tickets(
     overdue: bool = False,
     due_before: str | None = None,
     organisation: str | None = None,
+    urgent: bool = False,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Tickets as the `tickets list --json` objects: most recently updated first, or by
@@ -280,6 +301,8 @@ def list_tickets(
         params.append(owner)
     if unassigned:
         clauses.append("t.owner IS NULL AND t.status IN ('new', 'open')")
+    if urgent:
+        clauses.append("t.priority = 'urgent'")
     if overdue:
         clauses.append("t.next_update_due <= ?")
         params.append(now)
