@@ -185,9 +185,12 @@ async def test_staff_set_priority_with_the_cli(
     await client_mail(gateway, "Printer", "Hello,\r\n\r\nthe printer needs toner.\r\n")
     code, out = run(config, clock, "tickets", "priority", "1", "urgent")
     assert code == 0, out
-    assert ticket_row(config)["priority"] == "urgent"
+    ticket = ticket_row(config)
+    assert ticket["priority"] == "urgent"
     assert urgent_events(config) == ["ticket.urgent"]
     assert reasons(config) == ["staff"]
+    # Its promise (Monday 13:00) comes forward to urgent_first_response of the clock.
+    assert ticket["next_update_due"] == "2026-12-05T22:30:00.000000+00:00"
     code, out = run(config, clock, "tickets", "priority", "1", "urgent")
     assert code == 0 and "already" in out
     assert urgent_events(config) == ["ticket.urgent"]
