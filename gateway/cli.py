@@ -332,7 +332,9 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
     table = [
         (
             f"#{t['number']}",
-            t["status"] + (" OVERDUE" if t["overdue"] else ""),
+            t["status"]
+            + (" URGENT" if t["priority"] == "urgent" else "")
+            + (" OVERDUE" if t["overdue"] else ""),
             t["unit"],
             t["owner"] or "-",
             _local(config, t["unit"], t["next_update_due"]) or "-",
@@ -518,6 +520,8 @@ def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     late = " (OVERDUE)" if ticket["overdue"] else ""
     print(f"owner {ticket['owner'] or '-'}, next update due {due or '-'}{late}")
     print(f"opened {ticket['created_at'][:16]}, updated {ticket['updated_at'][:16]}")
+    if ticket["priority"] == "urgent":
+        print(f"URGENT: {', '.join(ticket['urgency_reasons']) or '-'}")
     if ticket["follows"]:
         print(f"follows up #{ticket['follows']}")
     for message in ticket["messages"]:

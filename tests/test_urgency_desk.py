@@ -20,7 +20,15 @@ from gateway.clock import FixedClock
 from gateway.config import Config, ConfigError, load_config
 
 from .conftest import make_message, rows, send_message, write_config
-from .test_owners import actions, outbox, run, run_json, staff_mail, ticket_row
+from .test_owners import (
+    actions,
+    outbox,
+    run,
+    run_json,
+    scheduler_pass,
+    staff_mail,
+    ticket_row,
+)
 
 SATURDAY_NIGHT = datetime(2026, 12, 5, 22, 0, tzinfo=UTC)
 SETUP = """
@@ -237,6 +245,11 @@ async def test_list_and_show_json_carry_priority_and_reasons(
     shown = run_json(config, clock, "tickets", "show", "1")
     assert shown["priority"] == "urgent"
     assert shown["urgency_reasons"] == ["subject:site-down"]
+    lines = {
+        line.split()[0]: line for line in run(config, clock, "tickets", "list")[1].splitlines()
+    }
+    assert "new URGENT" in lines["#1"] and "URGENT" not in lines["#2"]
+    assert "URGENT: subject:site-down" in run(config, clock, "tickets", "show", "1")[1]
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -257,3 +270,16 @@ def test_config_keys_are_validated_naming_the_key(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.unit("support").urgent_first_response == "1h"
     assert load_config(write_config(tmp_path)).urgency.phrases == ()
+
+
+async def test_an_urgent_promise_falls_due_that_night_for_the_scheduler(
+    config: Config, gateway: Gateway, clock: FixedClock
+) -> None:
+    await client_mail(gateway, "Site down", "Hello,\r\n\r\nour shop is down.\r\n")
+    await client_mail(gateway, "Invoice", "Hello,\r\n\r\nplease send the invoice.\r\n")
+    assert scheduler_pass(config, clock, "2026-12-05T22:20:00+00:00") == []
+    # Past 22:30 with no answer: the urgent ticket is escalated that night, the other not.
+    assert scheduler_pass(config, clock, "2026-12-05T22:31:00+00:00") == [("escalation", 1)]
+    clock.set(datetime(2026, 12, 5, 22, 31, tzinfo=UTC))
+    overdue = run_json(config, clock, "tickets", "list", "--overdue")
+    assert [t["number"] for t in overdue] == [1]
