@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tlist.add_argument("--organisation", metavar="NAME", help="only this organisation's")
     tlist.add_argument(
+        "--upset", action="store_true", help="only tickets whose client reads as upset"
+    )
+    tlist.add_argument(
         "--limit",
         type=_positive_int,
         metavar="N",
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     tstatus.add_argument("status", choices=[s.value for s in Status])
     tstatus.add_argument("--reason", help="why (kept in the audit trail)")
     tstatus.set_defaults(handler=cmd_tickets_status)
+    tcalm = tickets_sub.add_parser("calm", help="clear a ticket's upset mark")
+    tcalm.add_argument("number", type=_ticket_number, help="the ticket number")
+    tcalm.set_defaults(handler=cmd_tickets_calm)
     add_quarantine_commands(commands)
     add_admin_commands(commands)
     add_outbox_commands(commands)
@@ -315,6 +321,7 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
             overdue=args.overdue,
             due_before=due_before,
             organisation=args.organisation,
+            upset=args.upset,
             limit=limit,
         )
     if args.json:
@@ -326,7 +333,7 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
     table = [
         (
             f"#{t['number']}",
-            t["status"] + (" OVERDUE" if t["overdue"] else ""),
+            t["status"] + (" OVERDUE" if t["overdue"] else "") + (" UPSET" if t["upset"] else ""),
             t["unit"],
             t["owner"] or "-",
             _local(config, t["unit"], t["next_update_due"]) or "-",
@@ -480,6 +487,15 @@ def cmd_tickets_status(config: Config, args: argparse.Namespace) -> int:
     why_not = changed.why_not
     told = "the client is told" if why_not is None else f"no mail to the client ({why_not})"
     print(f"#{args.number}: {changed.old} -> {args.status}; {told}")
+    return 0
+
+
+def cmd_tickets_calm(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        was_upset = ticket_actions.calm(
+            conn, ticket=args.number, actor=cli_actor(), now=_clock(args).stamp()
+        )
+    print(f"#{args.number}: " + ("calmed" if was_upset else "not upset"))
     return 0
 
 

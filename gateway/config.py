@@ -23,6 +23,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from . import businesstime
 from .businesstime import BusinessHours, BusinessTimeError, Duration
+from .upset import DEFAULT_THRESHOLD as UPSET_DEFAULT_THRESHOLD
 
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -251,6 +252,15 @@ class CommitmentsConfig:
     remind_before: str = "1h"
 
 
+@dataclass(frozen=True)
+class UpsetConfig:
+    # Issue 12 item 5 (gateway/upset.py): extra complaint phrases, each weighing as much as
+    # a built-in strong one ("unacceptable"), matched as plain words, case-insensitively.
+    phrases: tuple[str, ...] = ()
+    # The score (sum of the hits' weights) at which a client's mail marks its ticket upset.
+    threshold: int = UPSET_DEFAULT_THRESHOLD
+
+
 _COMMITMENT_KEYS = ("first_response", "update_every", "remind_before")
 
 
@@ -322,6 +332,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     commitments: CommitmentsConfig = field(default_factory=CommitmentsConfig)
+    upset: UpsetConfig = field(default_factory=UpsetConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -427,6 +438,7 @@ _SECTIONS = {
     "templates",
     "commitments",
     "unit",
+    "upset",
 }
 
 
@@ -456,6 +468,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     if not isinstance(raw_units, list) or not all(isinstance(u, dict) for u in raw_units):
         raise ConfigError("unit: must be an array of tables ([[unit]])")
     units = tuple(_build_unit(unit, i, commitments) for i, unit in enumerate(raw_units))
+    upset = _build(UpsetConfig, _table(data, "upset"), "upset")
+    if upset.threshold < 1:
+        raise ConfigError(f"upset.threshold: must be at least 1, got {upset.threshold}")
+    for i, phrase in enumerate(upset.phrases):
+        if not phrase.split():
+            raise ConfigError(f"upset.phrases[{i}]: must not be empty")
     config = Config(
         path=path,
         smtp=smtp,
@@ -470,6 +488,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         templates=templates,
         commitments=commitments,
         units=units,
+        upset=upset,
     )
     _validate(config)
     return config

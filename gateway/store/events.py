@@ -38,11 +38,15 @@ class EventAction(StrEnum):
     SENDER_UPDATED = "sender.updated"
     SENDERS_IMPORTED = "senders.imported"
     TICKET_ASSIGNED = "ticket.assigned"
+    # Issue 12 item 5: a client's mail read as upset (the rule table's reasons), and staff
+    # clearing the mark (`gateway tickets calm`).
+    TICKET_CALMED = "ticket.calmed"
     TICKET_CREATED = "ticket.created"
     TICKET_NOTED = "ticket.noted"
     TICKET_REOPENED = "ticket.reopened"
     TICKET_REPLIED = "ticket.replied"
     TICKET_STATUS = "ticket.status"
+    TICKET_UPSET = "ticket.upset"
 
 
 def record_event(
