@@ -16,6 +16,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.clock import FixedClock
 from gateway.config import Config, ConfigError, load_config
+from gateway.tickets import make_token
 from gateway.upset import DEFAULT_THRESHOLD
 
 from .conftest import make_message, rows, send_message, write_config
@@ -220,3 +221,46 @@ async def test_calm_clears_it_and_the_desk_shows_it(
     code, out = run(config, clock, "tickets", "calm", "1")
     assert code == 0 and "not upset" in out
     assert run(config, clock, "tickets", "calm", "99")[0] != 0
+
+
+async def test_auto_replies_quotes_and_signatures_never_count(
+    make_config: Any, start_gateway: Any, clock: FixedClock
+) -> None:
+    config, gateway = await start(make_config, start_gateway, clock)
+    await client_mail(
+        gateway,
+        "Hello,\r\n\r\nthe printer does not print.\r\n\r\n"
+        "> You wrote: this is unacceptable and we are disappointed.\r\n\r\n"
+        "-- \r\nAlice, Complaints and Escalations Officer\r\nUnacceptable Ltd\r\n",
+    )
+    # An out-of-office on the ticket (automatic: nobody wrote it), shouting and complaining;
+    # to the ticket's reply token, the only way automatic mail joins a ticket.
+    token = make_token(gateway.pipeline.token_secret, 1)
+    await send_message(
+        gateway,
+        make_message(
+            subject="Re: [#1] Printer",
+            body="I AM OUT OF THE OFFICE UNTIL MONDAY!!! Unacceptable, disappointed.\r\n",
+            headers="Auto-Submitted: auto-replied\r\n",
+        ),
+        recipients=(f"support+{token}@example.org",),
+    )
+    assert len(rows(config, "SELECT id FROM messages WHERE ticket = 1 AND direction = 'in'")) == 2
+    row = ticket_row(config)
+    assert row["upset"] == 0 and json.loads(row["upset_reasons"]) == []
+    assert notices(config) == []
+    assert "ticket.upset" not in actions(config)
+
+
+async def test_an_account_manager_who_is_the_client_is_never_told(
+    make_config: Any, start_gateway: Any, clock: FixedClock
+) -> None:
+    config, gateway = await start(make_config, start_gateway, clock)
+    # An admin's slip: the organisation's account manager is the client herself.
+    assert run(config, clock, "orgs", "update", "Client Ltd", "--account-manager", CLIENT)[0] == 0
+    await client_mail(gateway, "This is unacceptable.\r\n")
+    assert ticket_row(config)["upset"] == 1
+    assert notices(config) == []
+    [withheld] = rows(config, "SELECT detail FROM events WHERE action = 'mail.withheld'")
+    assert "no-recipient" in withheld["detail"]
+    assert all(m["to"] != CLIENT for m in outbox(config) if m["kind"] != "acknowledgement")
