@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     tlist.add_argument("--organisation", metavar="NAME", help="only this organisation's")
     tlist.add_argument("--urgent", action="store_true", help="only urgent tickets")
     tlist.add_argument(
+        "--upset", action="store_true", help="only tickets whose client reads as upset"
+    )
+    tlist.add_argument(
         "--limit",
         type=_positive_int,
         metavar="N",
@@ -159,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     tpriority.add_argument("number", type=_ticket_number, help="the ticket number")
     tpriority.add_argument("priority", choices=["urgent", "normal"])
     tpriority.set_defaults(handler=cmd_tickets_priority)
+    tcalm = tickets_sub.add_parser("calm", help="clear a ticket's upset mark")
+    tcalm.add_argument("number", type=_ticket_number, help="the ticket number")
+    tcalm.set_defaults(handler=cmd_tickets_calm)
     add_quarantine_commands(commands)
     add_admin_commands(commands)
     add_outbox_commands(commands)
@@ -321,6 +327,7 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
             due_before=due_before,
             organisation=args.organisation,
             urgent=args.urgent,
+            upset=args.upset,
             limit=limit,
         )
     if args.json:
@@ -334,7 +341,8 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
             f"#{t['number']}",
             t["status"]
             + (" URGENT" if t["priority"] == "urgent" else "")
-            + (" OVERDUE" if t["overdue"] else ""),
+            + (" OVERDUE" if t["overdue"] else "")
+            + (" UPSET" if t["upset"] else ""),
             t["unit"],
             t["owner"] or "-",
             _local(config, t["unit"], t["next_update_due"]) or "-",
@@ -502,6 +510,15 @@ def cmd_tickets_priority(config: Config, args: argparse.Namespace) -> int:
             now=_clock(args).stamp(),
         )
     print(f"#{args.number}: {'now' if changed else 'already'} {args.priority}")
+    return 0
+
+
+def cmd_tickets_calm(config: Config, args: argparse.Namespace) -> int:
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        was_upset = ticket_actions.calm(
+            conn, ticket=args.number, actor=cli_actor(), now=_clock(args).stamp()
+        )
+    print(f"#{args.number}: " + ("calmed" if was_upset else "not upset"))
     return 0
 
 

@@ -24,6 +24,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from . import businesstime
 from .businesstime import BusinessHours, BusinessTimeError, Duration
+from .upset import DEFAULT_THRESHOLD as UPSET_DEFAULT_THRESHOLD
 
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -266,6 +267,15 @@ class UrgencyConfig:
 
 
 @dataclass(frozen=True)
+class UpsetConfig:
+    # Issue 12 item 5 (gateway/upset.py): extra complaint phrases, each weighing as much as
+    # a built-in strong one ("unacceptable"), matched as plain words, case-insensitively.
+    phrases: tuple[str, ...] = ()
+    # The score (sum of the hits' weights) at which a client's mail marks its ticket upset.
+    threshold: int = UPSET_DEFAULT_THRESHOLD
+
+
+@dataclass(frozen=True)
 class UnitConfig:
     """A desk unit: who works it, when it is open, and its commitments' durations."""
 
@@ -341,6 +351,7 @@ class Config:
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     commitments: CommitmentsConfig = field(default_factory=CommitmentsConfig)
     urgency: UrgencyConfig = field(default_factory=UrgencyConfig)
+    upset: UpsetConfig = field(default_factory=UpsetConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -447,6 +458,7 @@ _SECTIONS = {
     "commitments",
     "unit",
     "urgency",
+    "upset",
 }
 
 
@@ -480,6 +492,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     for i, phrase in enumerate(urgency.phrases):
         if not phrase.strip():
             raise ConfigError(f"urgency.phrases[{i}]: must not be blank")
+    upset = _build(UpsetConfig, _table(data, "upset"), "upset")
+    if upset.threshold < 1:
+        raise ConfigError(f"upset.threshold: must be at least 1, got {upset.threshold}")
+    for i, phrase in enumerate(upset.phrases):
+        if not phrase.split():
+            raise ConfigError(f"upset.phrases[{i}]: must not be empty")
     config = Config(
         path=path,
         smtp=smtp,
@@ -495,6 +513,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         commitments=commitments,
         urgency=urgency,
         units=units,
+        upset=upset,
     )
     _validate(config)
     return config

@@ -30,6 +30,7 @@ from .config import Config, MailboxConfig
 from .mailbuild import MAX_SUBJECT, MailSpec, quote_subject, sanitise_header
 from .render import Templates
 from .store import Filing, StoredMessage
+from .store.commitments import list_commitments
 from .tickets import Kind as MessageKind
 from .tickets import SubjectTag, make_token
 
@@ -56,6 +57,9 @@ class MailKind(StrEnum):
     REMINDER = "reminder"
     ESCALATION = "escalation"
     DIGEST = "digest"
+    # Issue 12 item 5: a client reads as upset; to the organisation's account manager and
+    # the ticket's owner (staff side), never to a client (`Planner.upset_notice`).
+    ACCOUNT_MANAGER_NOTICE = "account-manager-notice"
 
 
 STAFF_NOTICES = frozenset({MailKind.STAFF_NEW_TICKET, MailKind.STAFF_CLIENT_REPLY})
@@ -300,6 +304,81 @@ class Planner:
         )
         return Plan((mail,))
 
+    def upset_notice(
+        self,
+        conn: sqlite3.Connection,
+        ticket: int,
+        record: StoredMessage,
+        reasons: Sequence[str],
+        now: str,
+    ) -> Plan:
+        """Tell the organisation's account manager and the ticket's owner that the client
+        who wrote `record` reads as upset (`reasons`), with the ticket's summary, its
+        promises and the client's words (the readable text: no quoted history).
+
+        Staff side only: the account manager is the one an admin set on the organisation
+        (`orgs --account-manager`), the owner a staff address; neither may be the ticket's
+        requester, a participant (client addresses on the ticket) or the author, nor an
+        address that bounced. Once per ticket per day is the caller's (it keeps the day)."""
+        kind = MailKind.ACCOUNT_MANAGER_NOTICE
+        info = store.ticket_desk_info(conn, ticket)
+        if info is None:
+            return _withheld(kind, ticket, "no-ticket", now)
+        manager = store.ticket_account_manager(conn, ticket)
+        owner = info["owner"]
+        clients = {info["requester"], record.sender, *store.ticket_participants(conn, ticket)}
+        recipients = [
+            to
+            for to in dict.fromkeys([manager, owner if self.config.is_staff(owner) else None])
+            if to
+            and to not in clients
+            and to not in self.own
+            and not store.is_undeliverable(conn, to)
+        ]
+        if not recipients:
+            return _withheld(kind, ticket, "no-recipient", now)
+        unit = self.config.unit(info["unit"])
+
+        def local(stamp: str | None) -> str:
+            if not stamp:
+                return ""
+            return unit.hours.local(datetime.fromisoformat(stamp)).strftime("%a %d %b %Y %H:%M %Z")
+
+        extra = {
+            "client": sanitise_header(record.sender or record.mail_from or "", 998),
+            "organisation": sanitise_header(info["organisation"] or "", 200),
+            "unit": info["unit"],
+            "owner": owner or "",
+            "account_manager": manager or "",
+            "due": local(info["next_update_due"]),
+            "reasons": list(reasons),
+            "commitments": [
+                {
+                    "due": local(c["due"]),
+                    "set_by": c["set_by"],
+                    "note": c["note"] or "",
+                    "state": c["state"],
+                }
+                for c in list_commitments(conn, ticket)
+            ],
+            "text": record.text or "",
+            "cli": f"gateway tickets show {ticket}",
+        }
+        mail = tuple(
+            self._plan(
+                conn,
+                kind,
+                ticket,
+                to=to,
+                now=now,
+                in_reply_to=None,
+                template="account_manager_notice",
+                extra=extra,
+            )
+            for to in recipients
+        )
+        return Plan(mail)
+
     def tell_admins(
         self,
         conn: sqlite3.Connection,
@@ -505,6 +584,7 @@ _AUTO_SUBMITTED = {
     MailKind.REMINDER: "auto-generated",
     MailKind.ESCALATION: "auto-generated",
     MailKind.DIGEST: "auto-generated",
+    MailKind.ACCOUNT_MANAGER_NOTICE: "auto-generated",
 }
 
 

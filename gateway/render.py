@@ -34,6 +34,7 @@ TEMPLATE_NAMES = (
     "reminder",
     "escalation",
     "digest",
+    "account_manager_notice",
 )
 
 # The three files of one template, by the RenderedMail field each fills.
@@ -68,6 +69,13 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
         # scheduler.DIGEST_ITEMS); `counts` has every section's full count.
         "digest": COMMON_KEYS
         | {"unit", "day", "counts", "overdue", "due_today", "new", "unassigned", "cli"},
+        # Issue 12 item 5 (notify.Planner.upset_notice): to the organisation's account
+        # manager and the ticket's owner, never a client. `reasons` the rule table's (a list
+        # of strings), `commitments` a list of {due, set_by, note, state} (due local to the
+        # unit), `text` the client's readable words.
+        "account_manager_notice": COMMON_KEYS
+        | _STAFF_NOTICE_KEYS
+        | {"account_manager", "reasons", "commitments", "cli"},
     }
 )
 # The keys of the mappings inside a context.
@@ -229,6 +237,27 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "cli": "gateway tickets list --unit support",
             }
         ),
+        "account_manager_notice": _frozen(
+            {
+                **_STAFF_NOTICE,
+                "recipient": "sam@example.org",
+                "ticket": _ticket("open"),
+                "text": "This is unacceptable. The printer is STILL on fire!!!",
+                "account_manager": "sam@example.org",
+                "reasons": ("complaint-phrase: 'unacceptable'", "shouting: 3 words in capitals"),
+                "commitments": (
+                    _frozen(
+                        {
+                            "due": "Mon 07 Dec 2026 13:00 GMT",
+                            "set_by": "gateway",
+                            "note": "",
+                            "state": "open",
+                        }
+                    ),
+                ),
+                "cli": "gateway tickets show 12",
+            }
+        ),
     }
 )
 
@@ -256,6 +285,16 @@ _VARIANTS: Mapping[str, tuple[Mapping[str, object], ...]] = MappingProxyType(
                 "due_today": (),
                 "new": (),
                 "unassigned": (),
+            },
+        ),
+        "account_manager_notice": (
+            # Told as the owner, with no organisation, no promise and no account manager.
+            {
+                "recipient": "bob@example.org",
+                "organisation": "",
+                "account_manager": "",
+                "due": "",
+                "commitments": (),
             },
         ),
     }

@@ -457,6 +457,19 @@ def test_the_context_contract() -> None:
         "reminder": {"ticket", "unit", "due", "due_in", "set_by", "note", "owner", "cli"},
         "escalation": {"ticket", "unit", "due", "late", "set_by", "note", "owner", "lead", "cli"},
         "digest": {"unit", "day", "counts", "overdue", "due_today", "new", "unassigned", "cli"},
+        "account_manager_notice": {
+            "ticket",
+            "client",
+            "organisation",
+            "unit",
+            "owner",
+            "due",
+            "text",
+            "account_manager",
+            "reasons",
+            "commitments",
+            "cli",
+        },
     }
     assert FIELD_KEYS == {
         "ticket": {"number", "tag", "subject", "status"},

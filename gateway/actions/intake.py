@@ -540,6 +540,8 @@ def file_message(
         )
         return wrote.message, wrote.filing
     if decision.ticket is not None:
+        # What makes the client upset is read before this mail changes the ticket.
+        upset = ticket_actions.upset_facts(conn, decision.ticket.number, record, now)
         ticket_actions.client_wrote(
             conn,
             planner,
@@ -552,6 +554,16 @@ def file_message(
         filing = Filing(decision.ticket.number, intake.kind, decision.via)
         row_id = save(filing)
         _tell_staff(conn, planner, MailKind.STAFF_CLIENT_REPLY, decision.ticket.number, record, now)
+        ticket_actions.client_upset(
+            conn,
+            planner,
+            ticket=decision.ticket.number,
+            message=row_id,
+            record=record,
+            facts=upset,
+            actor=actor,
+            now=now,
+        )
         return row_id, filing
 
     unit = store.organisation_unit(conn, organisation) if organisation else None
@@ -573,6 +585,16 @@ def file_message(
     )
     mail.write(conn, planner.acknowledge(conn, opened.ticket, record, now, intake.references))
     _tell_staff(conn, planner, MailKind.STAFF_NEW_TICKET, opened.ticket, record, now)
+    ticket_actions.client_upset(
+        conn,
+        planner,
+        ticket=opened.ticket,
+        message=opened.message,
+        record=record,
+        facts=ticket_actions.upset_facts(conn, None, record, now),
+        actor=actor,
+        now=now,
+    )
     return opened.message, Filing(opened.ticket, intake.kind, decision.via)
 
 

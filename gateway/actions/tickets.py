@@ -23,17 +23,23 @@ from ..store.events import EventAction, record_event
 from ..store.messages import Filing, StoredMessage, insert_message
 from ..store.tickets import (
     add_participant,
+    calm_ticket,
     create_ticket,
+    mark_upset,
     set_last_public_update,
     set_ticket_organisation,
     set_ticket_owner,
     set_ticket_priority,
     set_ticket_status,
+    set_upset_notified,
     ticket_desk_info,
     ticket_mail_info,
     ticket_priority,
     update_ticket,
+    upset_state,
 )
+from ..upset import UpsetFacts, UpsetVerdict
+from ..upset import decide as decide_upset
 from . import mail
 from .errors import ActionError
 
@@ -766,3 +772,111 @@ def open_ticket(
         mark_urgent(conn, planner, number, urgency, actor=actor, now=now)
     _first_response(conn, planner, number, unit, actor, now)
     return Opened(number, row)
+
+
+# --- upset clients (issue 12 item 5) ---------------------------------------------------------
+
+
+class TicketUpset(TypedDict):
+    message: int  # the client's mail that read as upset
+    score: int
+    threshold: int
+    reasons: list[str]
+    notified: list[str]  # who was told (nobody: already told today, or nobody to tell)
+
+
+def detail_ticket_upset(
+    message: int, verdict: UpsetVerdict, notified: Sequence[str]
+) -> TicketUpset:
+    return {
+        "message": message,
+        "score": verdict.score,
+        "threshold": verdict.threshold,
+        "reasons": list(verdict.reasons),
+        "notified": list(notified),
+    }
+
+
+class TicketCalmed(TypedDict):
+    reasons: list[str]  # the reasons it had
+
+
+def upset_facts(
+    conn: sqlite3.Connection, ticket: int | None, record: StoredMessage, now: str
+) -> UpsetFacts:
+    """What the upset rules look at for a client's mail about to be filed on `ticket` (None:
+    it opens one). Read before the mail is stored and before the ticket changes: chasing is
+    a client message on the ticket since our last public update, overdue is our promise
+    (next_update_due) already past when this one arrived."""
+    state = upset_state(conn, ticket) if ticket is not None else None
+    return UpsetFacts(
+        subject=record.subject or "",
+        text=record.text or "",
+        chasing=state is not None and state.chasing,
+        overdue=state is not None
+        and state.next_update_due is not None
+        and state.next_update_due <= now,
+    )
+
+
+def client_upset(
+    conn: sqlite3.Connection,
+    planner: Planner,
+    *,
+    ticket: int,
+    message: int,
+    record: StoredMessage,
+    facts: UpsetFacts,
+    actor: str,
+    now: str,
+) -> UpsetVerdict:
+    """Ask the upset rules ([upset] phrases and threshold) about a client's mail filed on
+    `ticket` as `message`. Over the threshold the ticket is marked upset (the reasons kept
+    with the ones it had), a `ticket.upset` event says why, and once per ticket per day
+    (the unit's local date) its account manager and owner are told."""
+    config = planner.config.upset
+    verdict = decide_upset(facts, phrases=config.phrases, threshold=config.threshold)
+    if not verdict.upset:
+        return verdict
+    mark_upset(conn, ticket, verdict.reasons)
+    info = ticket_desk_info(conn, ticket)
+    state = upset_state(conn, ticket)
+    notified: list[str] = []
+    if info is not None and state is not None:
+        hours = planner.config.unit(info["unit"]).hours
+        today = hours.local(datetime.fromisoformat(now)).date().isoformat()
+        if state.notified_on != today:
+            plan = planner.upset_notice(conn, ticket, record, verdict.reasons, now)
+            mail.write(conn, plan)
+            notified = [m.spec.to for m in plan.mail]
+            if notified:
+                set_upset_notified(conn, ticket, today)
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=EventAction.TICKET_UPSET,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail_ticket_upset(message, verdict, notified)),
+    )
+    return verdict
+
+
+def calm(conn: sqlite3.Connection, *, ticket: int, actor: str, now: str) -> bool:
+    """Staff clear a ticket's upset mark (`gateway tickets calm`); False if it was not."""
+    found = calm_ticket(conn, ticket)
+    if found is None:
+        raise ActionError(f"no ticket #{ticket}")
+    was_upset, reasons = found
+    if was_upset:
+        record_event(
+            conn,
+            time=now,
+            actor=actor,
+            action=EventAction.TICKET_CALMED,
+            subject=f"ticket:{ticket}",
+            ticket=ticket,
+            detail=dict(TicketCalmed(reasons=reasons)),
+        )
+    return was_upset

@@ -38,6 +38,9 @@ class EventAction(StrEnum):
     SENDER_UPDATED = "sender.updated"
     SENDERS_IMPORTED = "senders.imported"
     TICKET_ASSIGNED = "ticket.assigned"
+    # Issue 12 item 5: a client's mail read as upset (the rule table's reasons), and staff
+    # clearing the mark (`gateway tickets calm`).
+    TICKET_CALMED = "ticket.calmed"
     TICKET_CREATED = "ticket.created"
     TICKET_NOTED = "ticket.noted"
     # Issue 12: a ticket became urgent (by its mail's urgency rules or by staff), once per
@@ -47,6 +50,7 @@ class EventAction(StrEnum):
     TICKET_REPLIED = "ticket.replied"
     TICKET_STATUS = "ticket.status"
     TICKET_URGENT = "ticket.urgent"
+    TICKET_UPSET = "ticket.upset"
 
 
 def record_event(

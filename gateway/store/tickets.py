@@ -7,6 +7,7 @@ import json
 import secrets
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..model import Status, TicketRef
@@ -232,6 +233,84 @@ def set_last_public_update(conn: sqlite3.Connection, number: int, now: str) -> N
     conn.execute("UPDATE tickets SET last_public_update_at = ? WHERE number = ?", (now, number))
 
 
+# --- upset clients (issue 12 item 5) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpsetState:
+    """What the upset rules need from a ticket when a client's mail arrives (read before
+    the mail is stored): whether the client already wrote since our last public update,
+    the due time of our promise, and the day its account manager was last told."""
+
+    chasing: bool
+    next_update_due: str | None
+    notified_on: str | None
+
+
+def upset_state(conn: sqlite3.Connection, number: int) -> UpsetState | None:
+    row = conn.execute(
+        """
+        SELECT t.next_update_due, t.upset_notified_on,
+          EXISTS (
+            SELECT 1 FROM messages m
+            WHERE m.ticket = t.number AND m.direction = 'in' AND m.kind = 'client'
+              AND (t.last_public_update_at IS NULL OR m.received_at > t.last_public_update_at)
+          ) AS chasing
+        FROM tickets t WHERE t.number = ?
+        """,
+        (number,),
+    ).fetchone()
+    if row is None:
+        return None
+    return UpsetState(bool(row["chasing"]), row["next_update_due"], row["upset_notified_on"])
+
+
+def ticket_account_manager(conn: sqlite3.Connection, number: int) -> str | None:
+    """The account manager of the ticket's organisation, if it has one."""
+    row = conn.execute(
+        "SELECT o.account_manager FROM tickets t JOIN organisations o ON o.id = t.organisation "
+        "WHERE t.number = ?",
+        (number,),
+    ).fetchone()
+    return None if row is None else row["account_manager"]
+
+
+def ticket_participants(conn: sqlite3.Connection, number: int) -> list[str]:
+    return [
+        str(r[0])
+        for r in conn.execute("SELECT address FROM participants WHERE ticket = ?", (number,))
+    ]
+
+
+def mark_upset(conn: sqlite3.Connection, number: int, reasons: Sequence[str]) -> None:
+    """Mark a ticket upset, appending `reasons` to the ones it already has."""
+    row = conn.execute("SELECT upset_reasons FROM tickets WHERE number = ?", (number,)).fetchone()
+    kept = json.loads(row["upset_reasons"]) if row is not None else []
+    conn.execute(
+        "UPDATE tickets SET upset = 1, upset_reasons = ? WHERE number = ?",
+        (json.dumps([*kept, *reasons], ensure_ascii=False), number),
+    )
+
+
+def set_upset_notified(conn: sqlite3.Connection, number: int, day: str) -> None:
+    conn.execute("UPDATE tickets SET upset_notified_on = ? WHERE number = ?", (day, number))
+
+
+def calm_ticket(conn: sqlite3.Connection, number: int) -> tuple[bool, list[str]] | None:
+    """Clear a ticket's upset mark; returns whether it was upset and the reasons it had,
+    None if there is no such ticket. The day of the last notice is kept: calming does not
+    let a second notice go out the same day."""
+    row = conn.execute(
+        "SELECT upset, upset_reasons FROM tickets WHERE number = ?", (number,)
+    ).fetchone()
+    if row is None:
+        return None
+    if not row["upset"]:
+        return False, []
+    conn.execute("UPDATE tickets SET upset = 0, upset_reasons = '[]' WHERE number = ?", (number,))
+    return True, list(json.loads(row["upset_reasons"]))
+
+
 def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: str) -> str | None:
     """Set a ticket's status; returns the old one (None if there is no such ticket)."""
     row = conn.execute("SELECT status FROM tickets WHERE number = ?", (number,)).fetchone()
@@ -246,6 +325,7 @@ def set_ticket_status(conn: sqlite3.Connection, number: int, status: str, now: s
 _TICKET_COLUMNS = """
     t.number, t.status, t.subject, t.requester, t.unit, t.priority, t.urgency_reasons, t.follows,
     t.created_at, t.updated_at, t.owner, t.next_update_due, t.last_public_update_at,
+    t.upset, t.upset_reasons,
     (SELECT COUNT(*) FROM messages m WHERE m.ticket = t.number) AS message_count
 """
 
@@ -269,6 +349,9 @@ def _ticket_dict(row: sqlite3.Row, now: str) -> dict[str, Any]:
         # Due and not yet answered by a public update (which moves or clears the due time).
         "overdue": due is not None and due <= now,
         "last_public_update_at": row["last_public_update_at"],
+        # Issue 12 item 5: the client's mail reads as upset (until staff calm it), and why.
+        "upset": bool(row["upset"]),
+        "upset_reasons": json.loads(row["upset_reasons"]),
     }
 
 
@@ -284,6 +367,7 @@ def list_tickets(
     due_before: str | None = None,
     organisation: str | None = None,
     urgent: bool = False,
+    upset: bool = False,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Tickets as the `tickets list --json` objects: most recently updated first, or by
@@ -314,6 +398,8 @@ def list_tickets(
             "t.organisation = (SELECT id FROM organisations WHERE name = ? COLLATE NOCASE)"
         )
         params.append(organisation)
+    if upset:
+        clauses.append("t.upset = 1")
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     order = (
         "t.next_update_due, t.number"
