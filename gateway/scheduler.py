@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
@@ -216,16 +216,28 @@ def _remind(
         REMINDER, unit.name, tuple(to), promise.ticket, promise.id, _shown(unit, promise.due)
     )
     detail: ReminderDetail = {"due": promise.due, "to": list(to)}
+    _commitment_event(conn, EventAction.COMMITMENT_REMINDED, promise, stamp, detail)
+    return done
+
+
+def _commitment_event(
+    conn: sqlite3.Connection,
+    action: EventAction,
+    promise: promises.DueCommitment,
+    stamp: str,
+    detail: Mapping[str, Any],
+) -> None:
+    """Audit what the scheduler did about a promise: its subject is the commitment, and it
+    is listed under the promise's ticket."""
     record_event(
         conn,
         time=stamp,
         actor="gateway",
-        action=EventAction.COMMITMENT_REMINDED,
+        action=action,
         subject=f"commitment:{promise.id}",
         ticket=promise.ticket,
         detail=dict(detail),
     )
-    return done
 
 
 def _escalate(
@@ -249,15 +261,7 @@ def _escalate(
     shown = _shown(unit, promise.due)
     done = Done(ESCALATION, unit.name, tuple(to), promise.ticket, promise.id, shown, late)
     detail: MissedDetail = {"due": promise.due, "late_seconds": late, "to": list(to)}
-    record_event(
-        conn,
-        time=stamp,
-        actor="gateway",
-        action=EventAction.COMMITMENT_MISSED,
-        subject=f"commitment:{promise.id}",
-        ticket=promise.ticket,
-        detail=dict(detail),
-    )
+    _commitment_event(conn, EventAction.COMMITMENT_MISSED, promise, stamp, detail)
     return done
 
 

@@ -9,10 +9,10 @@ import hashlib
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from ..businesstime import BusinessTimeError, when
 from ..clock import iso
@@ -52,6 +52,28 @@ REOPENS = frozenset({Status.PENDING, Status.SOLVED})
 
 # A ticket in these statuses waits on us: it carries a promise (next_update_due).
 WAITS_ON_US = frozenset({Status.NEW, Status.OPEN})
+
+
+def _ticket_event(
+    conn: sqlite3.Connection,
+    action: EventAction,
+    ticket: int,
+    *,
+    actor: str,
+    now: str,
+    detail: Mapping[str, Any],
+) -> None:
+    """Audit one action on a ticket: the event's subject is the ticket, and `events
+    --ticket` lists it."""
+    record_event(
+        conn,
+        time=now,
+        actor=actor,
+        action=action,
+        subject=f"ticket:{ticket}",
+        ticket=ticket,
+        detail=dict(detail),
+    )
 
 
 def is_note(text: str) -> bool:
@@ -220,14 +242,13 @@ def assign(
     if old == owner:
         return old
     set_ticket_owner(conn, ticket, owner)
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_ASSIGNED,
+        ticket,
         actor=actor,
-        action=EventAction.TICKET_ASSIGNED,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_ticket_assigned(old, owner)),
+        now=now,
+        detail=detail_ticket_assigned(old, owner),
     )
     return old
 
@@ -259,14 +280,13 @@ def _promise(
     now: str,
 ) -> None:
     set_commitment(conn, ticket, due=due, set_by=set_by, note=note, now=now)
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.COMMITMENT_SET,
+        ticket,
         actor=actor,
-        action=EventAction.COMMITMENT_SET,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_commitment_set(due, set_by, note, rule)),
+        now=now,
+        detail=detail_commitment_set(due, set_by, note, rule),
     )
 
 
@@ -320,14 +340,13 @@ def mark_urgent(
     set_ticket_priority(conn, ticket, "urgent", merged)
     if priority == "urgent":
         return False
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_URGENT,
+        ticket,
         actor=actor,
-        action=EventAction.TICKET_URGENT,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_ticket_urgent(list(reasons))),
+        now=now,
+        detail=detail_ticket_urgent(list(reasons)),
     )
     info = ticket_desk_info(conn, ticket)
     if info is not None and info["status"] in WAITS_ON_US:
@@ -363,14 +382,13 @@ def set_priority(
     if found[0] == "normal":
         return False
     set_ticket_priority(conn, ticket, "normal", [])
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_PRIORITY,
+        ticket,
         actor=actor,
-        action=EventAction.TICKET_PRIORITY,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_ticket_priority(found[0], "normal")),
+        now=now,
+        detail=detail_ticket_priority(found[0], "normal"),
     )
     return True
 
@@ -388,14 +406,13 @@ def _public_update(
     closed = close_commitment(conn, ticket, updated=True, now=now)
     set_last_public_update(conn, ticket, now)
     if closed is not None and closed.state == "met":
-        record_event(
+        _ticket_event(
             conn,
-            time=now,
+            EventAction.COMMITMENT_MET,
+            ticket,
             actor=actor,
-            action=EventAction.COMMITMENT_MET,
-            subject=f"ticket:{ticket}",
-            ticket=ticket,
-            detail=dict(detail_commitment_met(closed.due, now)),
+            now=now,
+            detail=detail_commitment_met(closed.due, now),
         )
     info = ticket_desk_info(conn, ticket)
     if staff and info is not None and info["owner"] is None and planner.config.is_staff(staff):
@@ -509,14 +526,13 @@ def staff_wrote(
         update_ticket(conn, ticket, now=now)
         row = save(filing)
         # A note is the staff member's own words: they are its actor, by mail or CLI.
-        record_event(
+        _ticket_event(
             conn,
-            time=now,
+            EventAction.TICKET_NOTED,
+            ticket,
             actor=author,
-            action=EventAction.TICKET_NOTED,
-            subject=f"ticket:{ticket}",
-            ticket=ticket,
-            detail=dict(detail_ticket_noted(row, released)),
+            now=now,
+            detail=detail_ticket_noted(row, released),
         )
         # A promise in a note is kept (the staff member's word to the desk), while the
         # ticket waits on us; a note is no update to the client, so it meets none.
@@ -593,15 +609,7 @@ def _replied(
     detail: dict[str, object] = dict(detail_ticket_replied(row, staff, old, new))
     if promise_error is not None:
         detail["next_error"] = promise_error  # a "#next" in mail that named no time
-    record_event(
-        conn,
-        time=now,
-        actor=actor,
-        action=EventAction.TICKET_REPLIED,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=detail,
-    )
+    _ticket_event(conn, EventAction.TICKET_REPLIED, ticket, actor=actor, now=now, detail=detail)
 
 
 def note_saver(conn: sqlite3.Connection, text: str, author: str, now: str) -> Save:
@@ -655,14 +663,13 @@ def set_status(
         raise ActionError(f"no ticket #{ticket}")
     if old == status:
         return StatusChanged(old, status, False, None)
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_STATUS,
+        ticket,
         actor=actor,
-        action=EventAction.TICKET_STATUS,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_ticket_status(old, status, reason)),
+        now=now,
+        detail=detail_ticket_status(old, status, reason),
     )
     unit = ticket_desk_info(conn, ticket)
     if status not in WAITS_ON_US:
@@ -700,14 +707,13 @@ def client_wrote(
     if sender:
         add_participant(conn, ticket.number, sender)
     if reopen:
-        record_event(
+        _ticket_event(
             conn,
-            time=now,
+            EventAction.TICKET_REOPENED,
+            ticket.number,
             actor=actor,
-            action=EventAction.TICKET_REOPENED,
-            subject=f"ticket:{ticket.number}",
-            ticket=ticket.number,
-            detail=dict(detail_ticket_reopened(ticket.status)),
+            now=now,
+            detail=detail_ticket_reopened(ticket.status),
         )
     if urgency:
         mark_urgent(conn, planner, ticket.number, urgency, actor=actor, now=now)
@@ -759,14 +765,13 @@ def open_ticket(
     if organisation is not None:
         set_ticket_organisation(conn, number, organisation)
     row = save(Filing(number, kind, via))
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_CREATED,
+        number,
         actor=actor,
-        action=EventAction.TICKET_CREATED,
-        subject=f"ticket:{number}",
-        ticket=number,
-        detail=dict(detail_ticket_created(row, unit, follows)),
+        now=now,
+        detail=detail_ticket_created(row, unit, follows),
     )
     if urgency:
         mark_urgent(conn, planner, number, urgency, actor=actor, now=now)
@@ -851,14 +856,13 @@ def client_upset(
             notified = [m.spec.to for m in plan.mail]
             if notified:
                 set_upset_notified(conn, ticket, today)
-    record_event(
+    _ticket_event(
         conn,
-        time=now,
+        EventAction.TICKET_UPSET,
+        ticket,
         actor=actor,
-        action=EventAction.TICKET_UPSET,
-        subject=f"ticket:{ticket}",
-        ticket=ticket,
-        detail=dict(detail_ticket_upset(message, verdict, notified)),
+        now=now,
+        detail=detail_ticket_upset(message, verdict, notified),
     )
     return verdict
 
@@ -870,13 +874,12 @@ def calm(conn: sqlite3.Connection, *, ticket: int, actor: str, now: str) -> bool
         raise ActionError(f"no ticket #{ticket}")
     was_upset, reasons = found
     if was_upset:
-        record_event(
+        _ticket_event(
             conn,
-            time=now,
+            EventAction.TICKET_CALMED,
+            ticket,
             actor=actor,
-            action=EventAction.TICKET_CALMED,
-            subject=f"ticket:{ticket}",
-            ticket=ticket,
-            detail=dict(TicketCalmed(reasons=reasons)),
+            now=now,
+            detail=TicketCalmed(reasons=reasons),
         )
     return was_upset
