@@ -185,7 +185,13 @@ async def test_staff_are_never_told_of_their_own_mail(config: Config, gateway: G
 
 async def test_no_notice_for_auto_replies(config: Config, gateway: Gateway) -> None:
     await open_ticket(gateway)
-    before = len(outbox(config))
+
+    def earned() -> list[dict[str, Any]]:
+        # Everything but the unit's digest, which the daemon's first scheduler pass sends
+        # on its own time (Monday 10:00 is in business hours): it is no answer to any mail.
+        return [m for m in outbox(config) if m["kind"] != "digest"]
+
+    before = len(earned())
     ack = outbox(config, "acknowledgement")[0]["message_id"]
     await send_message(
         gateway,
@@ -194,7 +200,7 @@ async def test_no_notice_for_auto_replies(config: Config, gateway: Gateway) -> N
             headers=f"Auto-Submitted: auto-replied\r\nIn-Reply-To: {ack}\r\n",
         ),
     )
-    assert len(outbox(config)) == before
+    assert len(earned()) == before
 
 
 # --- items 2 and 4 by mail: answering a notice, #next, #take -------------------------------
