@@ -14,6 +14,7 @@ import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -276,6 +277,24 @@ class UpsetConfig:
 
 
 @dataclass(frozen=True)
+class OncallConfig:
+    # Issue 12 item 3. How long the person paged has to acknowledge (reply to the page,
+    # `#take` the ticket or `gateway oncall ack`) before the next step is paged: the
+    # unit's secondary, then its lead. Wall-clock time (`d` is 24 hours), like
+    # urgent_first_response: nights and weekends are when pages happen.
+    ack_within: str = "15m"
+    # Paged when no one is on the rota, for a unit that names no `secondary` of its own.
+    secondary: str = ""
+    # Also POST each page as JSON here ("" = mail only): https, or http to loopback only.
+    webhook: str = ""
+
+    @property
+    def ack_within_wall(self) -> timedelta:
+        duration = businesstime.parse_duration(self.ack_within)
+        return timedelta(days=duration.days, minutes=duration.minutes)
+
+
+@dataclass(frozen=True)
 class UnitConfig:
     """A desk unit: who works it, when it is open, and its commitments' durations."""
 
@@ -283,8 +302,12 @@ class UnitConfig:
     name: str
     # Its support developers; they count as staff (Config.is_staff).
     staff: tuple[str, ...] = ()
-    # Where escalations of missed promises go ("" = none: the owner only).
+    # Where escalations of missed promises go ("" = none: the owner only); also the last
+    # step of an unacknowledged page.
     lead: str = ""
+    # Paged when no one is on the rota, or when the first page is not acknowledged within
+    # [oncall] ack_within ("" = [oncall] secondary).
+    secondary: str = ""
     timezone: str = businesstime.DEFAULT_TIMEZONE
     # Business days: "mon".."sun" or "monday".."sunday", any case; normalised to the
     # three-letter names in weekday order.
@@ -352,6 +375,7 @@ class Config:
     commitments: CommitmentsConfig = field(default_factory=CommitmentsConfig)
     urgency: UrgencyConfig = field(default_factory=UrgencyConfig)
     upset: UpsetConfig = field(default_factory=UpsetConfig)
+    oncall: OncallConfig = field(default_factory=OncallConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -459,6 +483,7 @@ _SECTIONS = {
     "unit",
     "urgency",
     "upset",
+    "oncall",
 }
 
 
@@ -498,6 +523,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     for i, phrase in enumerate(upset.phrases):
         if not phrase.split():
             raise ConfigError(f"upset.phrases[{i}]: must not be empty")
+    oncall = _build(OncallConfig, _table(data, "oncall"), "oncall")
+    oncall = dataclasses.replace(
+        oncall,
+        ack_within=_check_duration(oncall.ack_within, "oncall.ack_within"),
+        secondary=normalise_mailbox(oncall.secondary, "oncall.secondary", allow_plus=True)
+        if oncall.secondary
+        else "",
+        webhook=_check_webhook(oncall.webhook, "oncall.webhook"),
+    )
     config = Config(
         path=path,
         smtp=smtp,
@@ -514,6 +548,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         urgency=urgency,
         units=units,
         upset=upset,
+        oncall=oncall,
     )
     _validate(config)
     return config
@@ -726,6 +761,26 @@ def _build_unit(table: Mapping[str, Any], index: int, commitments: CommitmentsCo
     return _build(UnitConfig, merged, f"unit[{index}]")
 
 
+def _check_webhook(url: str, key: str) -> str:
+    """A page webhook: https anywhere, or plain http to a loopback address only (a page
+    names a client and an incident; it does not cross a network in clear)."""
+    if not url:
+        return ""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or ""
+    if parsed.scheme == "https" and host:
+        return url
+    if parsed.scheme == "http" and host:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            return url
+        raise ConfigError(f"{key}: plain http is allowed to loopback only, got {url!r}")
+    raise ConfigError(f"{key}: must be an https:// URL (or http:// to loopback), got {url!r}")
+
+
 def _check_duration(value: str, key: str) -> str:
     try:
         return str(businesstime.parse_duration(value))
@@ -766,6 +821,11 @@ def _validate_unit(unit: UnitConfig, prefix: str) -> UnitConfig:
         for i, a in enumerate(unit.staff)
     )
     lead = normalise_mailbox(unit.lead, f"{prefix}.lead", allow_plus=True) if unit.lead else ""
+    secondary = (
+        normalise_mailbox(unit.secondary, f"{prefix}.secondary", allow_plus=True)
+        if unit.secondary
+        else ""
+    )
     check("timezone", businesstime.parse_timezone, unit.timezone)
     if not unit.days:
         raise ConfigError(f"{prefix}.days: at least one day is needed")
@@ -800,6 +860,7 @@ def _validate_unit(unit: UnitConfig, prefix: str) -> UnitConfig:
         unit,
         staff=staff,
         lead=lead,
+        secondary=secondary,
         days=tuple(businesstime.DAY_NAMES[d] for d in sorted(weekdays)),
         holidays=holidays,
         holidays_country=country,

@@ -22,6 +22,14 @@ class EventAction(StrEnum):
     MAIL_QUEUED = "mail.queued"
     MAIL_WITHHELD = "mail.withheld"
     MESSAGE_FLAGGED = "message.flagged"
+    # Issue 12: the on-call rota (a shift added, removed, a calendar imported) and pages:
+    # a page sent, acknowledged (by reply, #take or `oncall ack`), escalated to the next step.
+    ONCALL_ACKNOWLEDGED = "oncall.acknowledged"
+    ONCALL_ADDED = "oncall.added"
+    ONCALL_ESCALATED = "oncall.escalated"
+    ONCALL_IMPORTED = "oncall.imported"
+    ONCALL_PAGED = "oncall.paged"
+    ONCALL_REMOVED = "oncall.removed"
     ORG_ADDED = "org.added"
     ORG_REMOVED = "org.removed"
     ORG_UPDATED = "org.updated"

@@ -246,6 +246,40 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tickets_by_priority ON tickets (priority, status) WHERE priority != 'normal';
     CREATE INDEX tickets_upset ON tickets (status) WHERE upset = 1;
     """,
+    # 10: who is on call, and the pages sent (issue 12). A shift is a span of UTC time for
+    # one address, for one unit or (unit NULL) the whole desk; `source` says where it came
+    # from ('cli', or 'ical:<UID>' for an imported event, so a re-import replaces it).
+    # A page is one row per ticket and step (0: the person on call, 1: the secondary,
+    # 2: the unit's lead): UNIQUE makes each step happen once, across restarts, because
+    # the row is written in the transaction that queues the page.
+    """
+    CREATE TABLE oncall_shifts (
+        id          INTEGER PRIMARY KEY,
+        address     TEXT NOT NULL,
+        unit        TEXT,
+        starts_at   TEXT NOT NULL,
+        ends_at     TEXT NOT NULL,
+        source      TEXT NOT NULL DEFAULT 'cli',
+        created_by  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        CHECK (ends_at > starts_at)
+    );
+    CREATE INDEX oncall_by_time ON oncall_shifts (starts_at, ends_at);
+    ALTER TABLE organisations ADD COLUMN out_of_hours INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE pages (
+        id               INTEGER PRIMARY KEY,
+        ticket           INTEGER NOT NULL REFERENCES tickets (number),
+        step             INTEGER NOT NULL,
+        address          TEXT NOT NULL,
+        reasons          TEXT NOT NULL DEFAULT '[]',
+        sent_at          TEXT NOT NULL,
+        ack_due          TEXT NOT NULL,
+        acknowledged_at  TEXT,
+        acknowledged_by  TEXT,
+        UNIQUE (ticket, step)
+    );
+    CREATE INDEX pages_waiting ON pages (ack_due) WHERE acknowledged_at IS NULL;
+    """,
 )
 
 
