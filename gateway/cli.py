@@ -23,6 +23,7 @@ from typing import Any
 
 from . import __version__, businesstime, scheduler, store
 from .actions import ActionError
+from .actions import oncall as oncall_actions
 from .actions import outbox as outbox_actions
 from .actions import quarantine as quarantine_actions
 from .actions import senders as sender_actions
@@ -34,6 +35,7 @@ from .config import Config, ConfigError, config_path, config_warnings, load_conf
 from .model import MessageKind
 from .notify import Planner
 from .render import TemplateError, Templates
+from .store import oncall as store_oncall
 from .tickets import Status
 
 # A user-facing error: printed as `gateway: <message>`, exit 1 (an action's error is one).
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(commands)
     add_outbox_commands(commands)
     add_scheduler_commands(commands)
+    add_oncall_commands(commands)
     return parser
 
 
@@ -841,6 +844,11 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     oadd.add_argument("--unit", metavar="U", help="the desk unit its tickets go to")
     oadd.add_argument("--account-manager", metavar="ADDR", help="its account manager's address")
+    oadd.add_argument(
+        "--out-of-hours",
+        action="store_true",
+        help="it has out-of-hours cover: its urgent mail pages the person on call",
+    )
     _add_reason_option(oadd)
     oadd.set_defaults(handler=cmd_orgs_add)
     olist = orgs_sub.add_parser("list", help="every organisation")
@@ -852,6 +860,12 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     oupdate.add_argument("--remove-domain", action="append", default=[], metavar="D")
     oupdate.add_argument("--unit", metavar="U", help='the desk unit ("" for none)')
     oupdate.add_argument("--account-manager", metavar="ADDR", help='an address ("" for none)')
+    oupdate.add_argument(
+        "--out-of-hours",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="out-of-hours cover on (or, --no-out-of-hours, off)",
+    )
     _add_reason_option(oupdate)
     oupdate.set_defaults(handler=cmd_orgs_update)
     oremove = orgs_sub.add_parser(
@@ -949,6 +963,7 @@ def _org_json(org: store.Organisation) -> dict[str, Any]:
         "account_manager": org.account_manager,
         "senders": org.senders,
         "created_at": org.created_at,
+        "out_of_hours": org.out_of_hours,
     }
 
 
@@ -974,8 +989,10 @@ def cmd_orgs_add(config: Config, args: argparse.Namespace) -> int:
             actor=cli_actor(),
             now=now,
             reason=args.reason,
+            out_of_hours=args.out_of_hours,
         )
-    print(f"added organisation {name} (domains: {', '.join(domains) or 'none'})")
+    cover = ", out-of-hours cover" if args.out_of_hours else ""
+    print(f"added organisation {name} (domains: {', '.join(domains) or 'none'}{cover})")
     return 0
 
 
@@ -989,19 +1006,28 @@ def cmd_orgs_list(config: Config, args: argparse.Namespace) -> int:
         print("no organisations")
         return 0
     table = [
-        (o.name, " ".join(o.domains), o.unit or "", o.account_manager or "", str(o.senders))
+        (
+            o.name,
+            " ".join(o.domains),
+            o.unit or "",
+            o.account_manager or "",
+            str(o.senders),
+            "yes" if o.out_of_hours else "no",
+        )
         for o in orgs
     ]
-    _print_table(("NAME", "DOMAINS", "UNIT", "ACCOUNT MANAGER", "SENDERS"), table)
+    header = ("NAME", "DOMAINS", "UNIT", "ACCOUNT MANAGER", "SENDERS", "OUT OF HOURS")
+    _print_table(header, table)
     return 0
 
 
 def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
     if not (args.add_domain or args.remove_domain) and (
-        args.unit is None and args.account_manager is None
+        args.unit is None and args.account_manager is None and args.out_of_hours is None
     ):
         raise CliError(
-            "nothing to change: give --add-domain, --remove-domain, --unit or --account-manager"
+            "nothing to change: give --add-domain, --remove-domain, --unit, "
+            "--account-manager or --out-of-hours/--no-out-of-hours"
         )
     added = list(dict.fromkeys(valid_domain(d) for d in args.add_domain))
     removed = list(dict.fromkeys(valid_domain(d) for d in args.remove_domain))
@@ -1019,6 +1045,7 @@ def cmd_orgs_update(config: Config, args: argparse.Namespace) -> int:
             actor=cli_actor(),
             now=now,
             reason=args.reason,
+            out_of_hours=args.out_of_hours,
         )
     if not changes:
         print(f"organisation {org.name} unchanged")
@@ -1270,6 +1297,210 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
     _print_table(("TIME (UTC)", "ACTOR", "ACTION", "SUBJECT", "DETAIL"), table)
     if args.limit is None and len(events) == limit:
         print(f"(the newest {limit}; --limit N for more)")
+    return 0
+
+
+# --- the on-call rota (issue 12) ------------------------------------------------------------
+#
+# Times are read in the unit's zone (the desk's default, the first mailbox's unit, for the
+# desk-wide rota) unless they carry an offset, and shown in it; JSON carries UTC.
+
+
+def add_oncall_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """`oncall add/list/remove/now/import`; returns the subcommands so that paging's
+    `oncall ack` is one more `sub.add_parser(...)` block (see the end of this function)."""
+    oncall = commands.add_parser("oncall", help="the on-call rota: who is paged out of hours")
+    sub = oncall.add_subparsers(dest="action", required=True, metavar="ACTION")
+    oadd = sub.add_parser("add", help="put ADDRESS on call from --from until --until")
+    oadd.add_argument("address", metavar="ADDRESS", help="who is paged (a staff address)")
+    oadd.add_argument("--from", dest="starts", required=True, metavar="ISO", help=_ONCALL_ISO)
+    oadd.add_argument("--until", dest="ends", required=True, metavar="ISO", help=_ONCALL_ISO)
+    oadd.add_argument("--unit", metavar="U", help="for this unit only (default: the whole desk)")
+    oadd.set_defaults(handler=cmd_oncall_add)
+    olist = sub.add_parser("list", help="current and future shifts, by start time")
+    olist.add_argument("--unit", metavar="U", help="only this unit's own shifts")
+    olist.add_argument("--all", action="store_true", help="past shifts too")
+    olist.add_argument("--json", action="store_true", help="machine-readable output (UTC)")
+    olist.set_defaults(handler=cmd_oncall_list)
+    oremove = sub.add_parser("remove", help="remove a shift (its ID from `oncall list`)")
+    oremove.add_argument("id", type=_positive_int, metavar="ID")
+    oremove.set_defaults(handler=cmd_oncall_remove)
+    onow = sub.add_parser("now", help="who is on call now, per unit (else the secondary)")
+    onow.add_argument("--unit", metavar="U", help="only this unit")
+    onow.add_argument("--json", action="store_true", help="machine-readable output")
+    onow.set_defaults(handler=cmd_oncall_now)
+    oimport = sub.add_parser(
+        "import", help="shifts from an iCalendar (.ics) file; a re-import replaces them"
+    )
+    oimport.add_argument("file", metavar="FILE", help="the .ics file; - for stdin")
+    oimport.add_argument("--unit", metavar="U", help="for this unit only (default: the whole desk)")
+    oimport.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="A",
+        help="import only the shifts of this address (repeatable); a SUMMARY also names "
+        "it by its local part",
+    )
+    oimport.set_defaults(handler=cmd_oncall_import)
+    # Paging (issue 12 item 3) adds `oncall ack` here: sub.add_parser("ack", ...).
+    return sub
+
+
+_ONCALL_ISO = "ISO 8601 date-time; without an offset, in the unit's zone"
+
+
+def _oncall_zone_unit(config: Config, unit: str | None) -> str:
+    """The unit whose zone a shift's times are read and shown in."""
+    return unit if unit is not None else config.mailboxes[0].unit
+
+
+def _oncall_local(config: Config, unit: str | None, stamp: str) -> str:
+    hours = config.unit(_oncall_zone_unit(config, unit)).hours
+    return hours.local(datetime.fromisoformat(stamp)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def cmd_oncall_add(config: Config, args: argparse.Namespace) -> int:
+    unit = oncall_actions.known_unit(config.units, args.unit)
+    address = oncall_actions.rota_address(args.address)
+    zone = config.unit(_oncall_zone_unit(config, unit)).hours.zone
+    starts = oncall_actions.parse_moment(args.starts, zone, "--from")
+    ends = oncall_actions.parse_moment(args.ends, zone, "--until")
+    with _admin_db(config, write=True) as conn:
+        shift = oncall_actions.add(
+            conn,
+            mailboxes=config.mailboxes,
+            address=address,
+            unit=unit,
+            starts=starts,
+            ends=ends,
+            actor=cli_actor(),
+            now=_clock(args).stamp(),
+        )
+    where = unit or "the whole desk"
+    print(
+        f"shift {shift.id}: {address} on call for {where} from "
+        f"{_oncall_local(config, unit, shift.starts_at)} until "
+        f"{_oncall_local(config, unit, shift.ends_at)}"
+    )
+    if not config.is_staff(address):
+        print(
+            f"gateway: note: {address} is not a staff address ([staff] or a unit's staff)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_oncall_list(config: Config, args: argparse.Namespace) -> int:
+    unit = oncall_actions.known_unit(config.units, args.unit)
+    with _admin_db(config) as conn:
+        shifts = store_oncall.list_shifts(
+            conn, ending_after=None if args.all else _clock(args).stamp(), unit=unit
+        )
+    if args.json:
+        _print_json([oncall_actions.shift_json(s) for s in shifts])
+        return 0
+    if not shifts:
+        print("no shifts" if args.all else "no current or future shifts (--all for past ones)")
+        return 0
+    table = [
+        (
+            str(s.id),
+            s.address,
+            s.unit or "(desk)",
+            _oncall_local(config, s.unit, s.starts_at),
+            _oncall_local(config, s.unit, s.ends_at),
+            s.source,
+        )
+        for s in shifts
+    ]
+    _print_table(("ID", "ADDRESS", "UNIT", "FROM (LOCAL)", "UNTIL (LOCAL)", "SOURCE"), table)
+    return 0
+
+
+def cmd_oncall_remove(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config, write=True) as conn:
+        shift = oncall_actions.remove(
+            conn, shift_id=args.id, actor=cli_actor(), now=_clock(args).stamp()
+        )
+    print(f"removed shift {shift.id} ({shift.address}, {shift.unit or 'the whole desk'})")
+    return 0
+
+
+def _on_call_now(
+    config: Config, conn: sqlite3.Connection, unit: str, now: str
+) -> oncall_actions.OnCall:
+    secondary = oncall_actions.secondary_for(config.unit(unit), config.oncall.secondary)
+    return oncall_actions.who_is_on_call(conn, unit=unit, secondary=secondary, at=now)
+
+
+def cmd_oncall_now(config: Config, args: argparse.Namespace) -> int:
+    unit = oncall_actions.known_unit(config.units, args.unit)
+    names = [unit] if unit is not None else [u.name for u in config.units]
+    now = _clock(args).stamp()
+    with _admin_db(config) as conn:
+        found = [_on_call_now(config, conn, name, now) for name in names]
+    if args.json:
+        _print_json([o.to_json() for o in found])
+        return 0
+    table = [
+        (
+            str(o.unit),
+            o.describe(),
+            ", ".join(
+                f"{s.address} until {_oncall_local(config, o.unit, s.ends_at)}"
+                + ("" if s.unit else " (desk-wide)")
+                for s in o.shifts
+            )
+            or "-",
+        )
+        for o in found
+    ]
+    _print_table(("UNIT", "ON CALL", "SHIFTS"), table)
+    return 0
+
+
+def cmd_oncall_import(config: Config, args: argparse.Namespace) -> int:
+    unit = oncall_actions.known_unit(config.units, args.unit)
+    wanted = [oncall_actions.rota_address(a) for a in args.address]
+    if args.file == "-":
+        label, data = "<stdin>", sys.stdin.buffer.read()
+    else:
+        label = args.file
+        try:
+            data = Path(args.file).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    zone = config.unit(_oncall_zone_unit(config, unit)).hours.zone
+    now = _clock(args).now()
+    try:
+        read = oncall_actions.read_calendar(data, zone=zone, wanted=wanted, now=now)
+    except ActionError as exc:
+        raise CliError(f"{label}: {exc}; nothing was imported") from None
+    with _admin_db(config, write=True) as conn:
+        imported = oncall_actions.import_shifts(
+            conn,
+            mailboxes=config.mailboxes,
+            read=read,
+            file=label,
+            unit=unit,
+            actor=cli_actor(),
+            now=iso(now),
+        )
+    print(
+        f"imported {label} for {unit or 'the whole desk'}: {imported.added} shift(s) from "
+        f"{len(read.uids)} event(s), {imported.replaced} replaced"
+    )
+    skipped = [
+        (len(read.unnamed), "name no one on call"),
+        (read.past, "ended before now"),
+        (read.cancelled, "are cancelled"),
+    ]
+    for count, why in skipped:
+        if count:
+            print(f"gateway: note: {count} event(s) {why}: not imported", file=sys.stderr)
     return 0
 
 

@@ -242,9 +242,19 @@ def _with_reason(detail: dict[str, Any], reason: str | None) -> dict[str, Any]:
 
 
 def detail_org_added(
-    domains: list[str], unit: str | None, manager: str | None, reason: str | None
+    domains: list[str],
+    unit: str | None,
+    manager: str | None,
+    reason: str | None,
+    out_of_hours: bool = False,
 ) -> dict[str, Any]:
-    return _with_reason({"domains": domains, "unit": unit, "account_manager": manager}, reason)
+    detail = {
+        "domains": domains,
+        "unit": unit,
+        "account_manager": manager,
+        "out_of_hours": out_of_hours,
+    }
+    return _with_reason(detail, reason)
 
 
 def detail_org_removed(org: Organisation, removed: list[str], reason: str | None) -> dict[str, Any]:
@@ -283,8 +293,10 @@ def add_org(
     actor: str,
     now: str,
     reason: str | None = None,
+    out_of_hours: bool = False,
 ) -> None:
-    """A new organisation with its domains (checked: not ours, not another's)."""
+    """A new organisation with its domains (checked: not ours, not another's);
+    `out_of_hours`: urgent mail out of hours pages the person on call (issue 12)."""
     existing = find_organisation(conn, name)
     if existing is not None:
         raise ActionError(f"organisation '{existing.name}' exists")
@@ -293,7 +305,13 @@ def add_org(
         if owner is not None:
             raise ActionError(f"domain '{domain}' belongs to organisation '{owner.name}'")
     add_organisation(
-        conn, name=name, domains=domains, unit=unit, account_manager=account_manager, now=now
+        conn,
+        name=name,
+        domains=domains,
+        unit=unit,
+        account_manager=account_manager,
+        now=now,
+        out_of_hours=out_of_hours,
     )
     _event(
         conn,
@@ -301,7 +319,7 @@ def add_org(
         now=now,
         action=EventAction.ORG_ADDED,
         subject=f"org:{name}",
-        detail=detail_org_added(domains, unit, account_manager, reason),
+        detail=detail_org_added(domains, unit, account_manager, reason, out_of_hours),
     )
 
 
@@ -317,9 +335,10 @@ def update_org(
     actor: str,
     now: str,
     reason: str | None = None,
+    out_of_hours: bool | None = None,
 ) -> tuple[Organisation, dict[str, Any]]:
-    """Change an organisation's domains, unit or account manager; returns the changes
-    (empty: nothing changed, nothing recorded)."""
+    """Change an organisation's domains, unit, account manager or out-of-hours cover;
+    returns the changes (empty: nothing changed, nothing recorded)."""
     org = find_org(conn, name)
     changes: dict[str, Any] = {}
     for domain in add_domains:
@@ -350,9 +369,13 @@ def update_org(
         changes["unit"] = {"from": org.unit, "to": new_unit}
     if manager != org.account_manager:
         changes["account_manager"] = {"from": org.account_manager, "to": manager}
+    if out_of_hours is not None and out_of_hours != org.out_of_hours:
+        changes["out_of_hours"] = {"from": org.out_of_hours, "to": out_of_hours}
     if not changes:
         return org, changes
-    update_organisation(conn, org.id, unit=new_unit, account_manager=manager)
+    update_organisation(
+        conn, org.id, unit=new_unit, account_manager=manager, out_of_hours=out_of_hours
+    )
     _event(
         conn,
         actor=actor,

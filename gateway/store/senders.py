@@ -86,6 +86,9 @@ class Organisation:
     account_manager: str | None
     senders: int  # authorised (not blocked) sender rows, domain grants included
     created_at: str
+    # Issue 12: urgent mail out of hours pages the person on call only for an organisation
+    # marked so (`orgs add/update --out-of-hours`); the others hear when the desk opens.
+    out_of_hours: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class SenderEntry:
 
 
 _ORGANISATION_SELECT = """
-    SELECT o.id, o.name, o.unit, o.account_manager, o.created_at,
+    SELECT o.id, o.name, o.unit, o.account_manager, o.created_at, o.out_of_hours,
            (SELECT group_concat(d.domain, ' ') FROM
                (SELECT domain FROM org_domains WHERE organisation = o.id ORDER BY domain) d
            ) AS domains,
@@ -121,6 +124,7 @@ def _organisation(row: sqlite3.Row) -> Organisation:
         account_manager=row["account_manager"],
         senders=row["sender_count"],
         created_at=row["created_at"],
+        out_of_hours=bool(row["out_of_hours"]),
     )
 
 
@@ -132,11 +136,13 @@ def add_organisation(
     unit: str | None,
     account_manager: str | None,
     now: str,
+    out_of_hours: bool = False,
 ) -> int:
     """A new organisation; the caller has checked that its name and domains are free."""
     cursor = conn.execute(
-        "INSERT INTO organisations (name, unit, account_manager, created_at) VALUES (?,?,?,?)",
-        (name, unit, account_manager, now),
+        "INSERT INTO organisations (name, unit, account_manager, created_at, out_of_hours) "
+        "VALUES (?,?,?,?,?)",
+        (name, unit, account_manager, now, int(out_of_hours)),
     )
     org_id = cursor.lastrowid
     assert org_id is not None
@@ -167,11 +173,19 @@ def organisation_for_domain(conn: sqlite3.Connection, domain: str) -> Organisati
 
 
 def update_organisation(
-    conn: sqlite3.Connection, org_id: int, *, unit: str | None, account_manager: str | None
+    conn: sqlite3.Connection,
+    org_id: int,
+    *,
+    unit: str | None,
+    account_manager: str | None,
+    out_of_hours: bool | None = None,
 ) -> None:
+    """Set an organisation's unit and account manager, and its out-of-hours cover unless
+    `out_of_hours` is None (kept)."""
     conn.execute(
-        "UPDATE organisations SET unit = ?, account_manager = ? WHERE id = ?",
-        (unit, account_manager, org_id),
+        "UPDATE organisations SET unit = ?, account_manager = ?, "
+        "out_of_hours = coalesce(?, out_of_hours) WHERE id = ?",
+        (unit, account_manager, None if out_of_hours is None else int(out_of_hours), org_id),
     )
 
 
