@@ -415,7 +415,7 @@ def cmd_desk(config: Config, args: argparse.Namespace) -> int:
             if args.unit
             else list(dict.fromkeys([*(u.name for u in config.units), *store.ticket_units(conn)]))
         )
-        desks = []
+        desks: list[dict[str, Any]] = []
         for name in names:
             hours = config.unit(name).hours
             today = hours.local(now).date()
@@ -425,7 +425,16 @@ def cmd_desk(config: Config, args: argparse.Namespace) -> int:
             else:
                 end = datetime.combine(today, time(23, 59, 59), hours.zone).astimezone(UTC)
             counts = store.desk_counts(conn, unit=name, now=iso(now), end_of_today=iso(end))
-            desks.append({"unit": name, **counts})
+            # Who is paged for this unit now (issue 12): the rota, else the secondary.
+            cover = _on_call_now(config, conn, name, iso(now))
+            desks.append(
+                {
+                    "unit": name,
+                    **counts,
+                    "on_call": cover.addresses,
+                    "on_call_rota": cover.from_rota,
+                }
+            )
     if args.json:
         _print_json(desks)
         return 0
@@ -437,10 +446,16 @@ def cmd_desk(config: Config, args: argparse.Namespace) -> int:
             str(d["overdue"]),
             str(d["due_today"]),
             str(d["waiting_on_client"]),
+            str(d["urgent"]),
+            str(d["upset"]),
+            ", ".join(d["on_call"])
+            + ("" if d["on_call_rota"] or not d["on_call"] else " (secondary)")
+            or "no one",
         )
         for d in desks
     ]
-    _print_table(("UNIT", "OPEN", "UNASSIGNED", "OVERDUE", "DUE TODAY", "WAITING ON CLIENT"), table)
+    header = ("UNIT", "OPEN", "UNASSIGNED", "OVERDUE", "DUE TODAY", "WAITING ON CLIENT")
+    _print_table((*header, "URGENT", "UPSET", "ON CALL"), table)
     return 0
 
 
@@ -1479,16 +1494,19 @@ def cmd_oncall_import(config: Config, args: argparse.Namespace) -> int:
         read = oncall_actions.read_calendar(data, zone=zone, wanted=wanted, now=now)
     except ActionError as exc:
         raise CliError(f"{label}: {exc}; nothing was imported") from None
-    with _admin_db(config, write=True) as conn:
-        imported = oncall_actions.import_shifts(
-            conn,
-            mailboxes=config.mailboxes,
-            read=read,
-            file=label,
-            unit=unit,
-            actor=cli_actor(),
-            now=iso(now),
-        )
+    try:
+        with _admin_db(config, write=True) as conn:
+            imported = oncall_actions.import_shifts(
+                conn,
+                mailboxes=config.mailboxes,
+                read=read,
+                file=label,
+                unit=unit,
+                actor=cli_actor(),
+                now=iso(now),
+            )
+    except ActionError as exc:
+        raise CliError(f"{label}: {exc}; nothing was imported") from None
     print(
         f"imported {label} for {unit or 'the whole desk'}: {imported.added} shift(s) from "
         f"{len(read.uids)} event(s), {imported.replaced} replaced"

@@ -417,7 +417,8 @@ def desk_counts(
     conn: sqlite3.Connection, *, unit: str, now: str, end_of_today: str
 ) -> dict[str, int]:
     """One unit's desk: open (waiting on us), unassigned, overdue, due today (by the end of
-    its business day, not yet overdue), waiting on the client."""
+    its business day, not yet overdue), waiting on the client; urgent and upset among
+    the open ones."""
     row = conn.execute(
         """
         SELECT
@@ -425,7 +426,9 @@ def desk_counts(
           COUNT(*) FILTER (WHERE status IN ('new', 'open') AND owner IS NULL) AS unassigned,
           COUNT(*) FILTER (WHERE next_update_due <= ?) AS overdue,
           COUNT(*) FILTER (WHERE next_update_due > ? AND next_update_due <= ?) AS due_today,
-          COUNT(*) FILTER (WHERE status = 'pending') AS waiting_on_client
+          COUNT(*) FILTER (WHERE status = 'pending') AS waiting_on_client,
+          COUNT(*) FILTER (WHERE status IN ('new', 'open') AND priority = 'urgent') AS urgent,
+          COUNT(*) FILTER (WHERE status IN ('new', 'open') AND upset = 1) AS upset
         FROM tickets WHERE unit = ?
         """,
         (now, now, end_of_today, unit),
