@@ -119,6 +119,7 @@ def test_orgs_add_and_list_follow_the_contract(gateway: Gateway) -> None:
             "account_manager": "manager@example.org",
             "senders": 1,
             "created_at": orgs[0]["created_at"],
+            "out_of_hours": False,
         },
         {
             "name": "Globex",
@@ -127,10 +128,13 @@ def test_orgs_add_and_list_follow_the_contract(gateway: Gateway) -> None:
             "account_manager": None,
             "senders": 0,
             "created_at": NOW,
+            "out_of_hours": False,
         },
     ]
     table = gateway.ok("orgs", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "DOMAINS", "UNIT", "ACCOUNT", "MANAGER", "SENDERS"]
+    assert table[0].split() == [
+        *("NAME", "DOMAINS", "UNIT", "ACCOUNT", "MANAGER", "SENDERS", "OUT", "OF", "HOURS")
+    ]
     assert table[1].split() == [
         "Acme",
         "acme.example.com",
@@ -138,6 +142,7 @@ def test_orgs_add_and_list_follow_the_contract(gateway: Gateway) -> None:
         "billing",
         "manager@example.org",
         "1",
+        "no",
     ]
 
     # Names are unique in any case; a domain belongs to one organisation; units and
@@ -449,6 +454,7 @@ def test_every_change_leaves_an_event_with_who_what_and_why(
         "domains": ["acme.example.com"],
         "unit": None,
         "account_manager": None,
+        "out_of_hours": False,
     }
 
     # --ticket filters (these changes concern no ticket); the table is newest first.
