@@ -398,6 +398,10 @@ def test_import_only_the_addresses_asked_for(config: Config, run: Run, tmp_path:
             "event UID bad-date@x: DTSTART",
         ),
         (
+            (SUNDAY, event("period@x", "DTSTART:20261205T180000Z/PT1H", "SUMMARY:bob@example.org")),
+            "event UID period@x DTSTART: not a date or date-time",
+        ),
+        (
             (
                 SUNDAY,
                 "BEGIN:VEVENT\nDTSTART:20261205T180000Z\nSUMMARY:bob@example.org\nEND:VEVENT\n",

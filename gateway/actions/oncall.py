@@ -248,7 +248,10 @@ class CalendarRead:
     cancelled: int = 0  # STATUS:CANCELLED events
 
 
-def _as_utc(value: date | datetime, zone: ZoneInfo, tzid: str | None, what: str) -> datetime:
+def _as_utc(value: object, zone: ZoneInfo, tzid: str | None, what: str) -> datetime:
+    if not isinstance(value, date):
+        # A PERIOD (start/end) or a time alone is no span of the rota.
+        raise ActionError(f"{what}: not a date or date-time")
     if isinstance(value, datetime):
         if value.tzinfo is None:
             if tzid:
@@ -290,7 +293,7 @@ def _names(event: icalendar.Component, wanted: Sequence[str]) -> list[str]:
         except ActionError:
             continue
     if wanted:
-        words = set(re.findall(r"[\w.+-]+", summary.lower()))
+        words = {w.strip(".") for w in re.findall(r"[\w.+-]+", summary.lower())}
         found = [a for a in found if a in wanted]
         found += [a for a in wanted if a.partition("@")[0] in words]
     return list(dict.fromkeys(found))
@@ -310,61 +313,78 @@ def read_calendar(
         raise ActionError("not an iCalendar file: no VCALENDAR")
     read = CalendarRead()
     for event in calendar.walk("VEVENT"):
-        uid = str(event.get("UID", "")).strip()
-        summary = str(event.get("SUMMARY", ""))[:60]
-        if not uid:
-            raise ActionError(
-                f"an event has no UID (SUMMARY {summary!r}): a re-import could not replace it"
-            )
-        what = f"event UID {uid}"
-        if uid in read.uids:
-            raise ActionError(f"{what} appears twice")
-        read.uids.append(uid)
-        if event.errors:
-            prop, problem = event.errors[0]
-            raise ActionError(f"{what}: {prop}: {problem}")
-        # Recurring events are not expanded (every limit would need a horizon): refused
-        # whole rather than imported as their first occurrence only.
-        for prop in ("RRULE", "RDATE", "RECURRENCE-ID"):
-            if prop in event:
-                raise ActionError(
-                    f"{what} is recurring ({prop}): recurring events are not imported; "
-                    "export the calendar with its occurrences expanded, or add them "
-                    "with `gateway oncall add`"
-                )
-        if str(event.get("STATUS", "")).upper() == "CANCELLED":
-            read.cancelled += 1
-            continue
-        if "DTSTART" not in event:
-            raise ActionError(f"{what} has no DTSTART")
-        start_value = event.decoded("DTSTART")
-        start_tzid = event["DTSTART"].params.get("TZID")
-        starts = _as_utc(start_value, zone, start_tzid, f"{what} DTSTART")
-        if "DTEND" in event:
-            ends = _as_utc(
-                event.decoded("DTEND"), zone, event["DTEND"].params.get("TZID"), f"{what} DTEND"
-            )
-        elif "DURATION" in event:
-            duration = event.decoded("DURATION")
-            if not isinstance(duration, timedelta):
-                raise ActionError(f"{what}: DURATION is not a duration")
-            ends = starts + duration
-        elif not isinstance(start_value, datetime):
-            ends = _as_utc(start_value + timedelta(days=1), zone, None, what)  # one day
-        else:
-            ends = starts  # RFC 5545 3.6.1: a moment, not a span
-        if ends <= starts:
-            raise ActionError(f"{what} ends before it starts (or has no length)")
-        names = _names(event, wanted)
-        if not names:
-            read.unnamed.append(uid)
-            continue
-        if ends <= now:
-            read.past += 1
-            continue
-        for address in names:
-            read.shifts.append(CalendarShift(uid, address, iso(starts), iso(ends)))
+        try:
+            _read_event(event, read, zone=zone, wanted=wanted, now=now)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # What icalendar's lenient parser lets through and then cannot decode.
+            uid = str(event.get("UID", "")).strip() or "(none)"
+            raise ActionError(f"event UID {uid}: cannot read it: {str(exc)[:200]}") from None
     return read
+
+
+def _read_event(
+    event: icalendar.Component,
+    read: CalendarRead,
+    *,
+    zone: ZoneInfo,
+    wanted: Sequence[str],
+    now: datetime,
+) -> None:
+    """One VEVENT into `read` (see read_calendar)."""
+    uid = str(event.get("UID", "")).strip()
+    summary = str(event.get("SUMMARY", ""))[:60]
+    if not uid:
+        raise ActionError(
+            f"an event has no UID (SUMMARY {summary!r}): a re-import could not replace it"
+        )
+    what = f"event UID {uid}"
+    if uid in read.uids:
+        raise ActionError(f"{what} appears twice")
+    read.uids.append(uid)
+    if event.errors:
+        prop, problem = event.errors[0]
+        raise ActionError(f"{what}: {prop}: {problem}")
+    # Recurring events are not expanded (every limit would need a horizon): refused
+    # whole rather than imported as their first occurrence only.
+    for prop in ("RRULE", "RDATE", "RECURRENCE-ID"):
+        if prop in event:
+            raise ActionError(
+                f"{what} is recurring ({prop}): recurring events are not imported; "
+                "export the calendar with its occurrences expanded, or add them "
+                "with `gateway oncall add`"
+            )
+    if str(event.get("STATUS", "")).upper() == "CANCELLED":
+        read.cancelled += 1
+        return
+    if "DTSTART" not in event:
+        raise ActionError(f"{what} has no DTSTART")
+    start_value = event.decoded("DTSTART")
+    start_tzid = event["DTSTART"].params.get("TZID")
+    starts = _as_utc(start_value, zone, start_tzid, f"{what} DTSTART")
+    if "DTEND" in event:
+        ends = _as_utc(
+            event.decoded("DTEND"), zone, event["DTEND"].params.get("TZID"), f"{what} DTEND"
+        )
+    elif "DURATION" in event:
+        duration = event.decoded("DURATION")
+        if not isinstance(duration, timedelta):
+            raise ActionError(f"{what}: DURATION is not a duration")
+        ends = starts + duration
+    elif not isinstance(start_value, datetime):
+        ends = _as_utc(start_value + timedelta(days=1), zone, None, what)  # one day
+    else:
+        ends = starts  # RFC 5545 3.6.1: a moment, not a span
+    if ends <= starts:
+        raise ActionError(f"{what} ends before it starts (or has no length)")
+    names = _names(event, wanted)
+    if not names:
+        read.unnamed.append(uid)
+        return
+    if ends <= now:
+        read.past += 1
+        return
+    for address in names:
+        read.shifts.append(CalendarShift(uid, address, iso(starts), iso(ends)))
 
 
 @dataclass(frozen=True)
