@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(commands)
     add_outbox_commands(commands)
     add_scheduler_commands(commands)
+    add_oncall_ack_command(commands)
     return parser
 
 
@@ -1270,6 +1271,36 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
     _print_table(("TIME (UTC)", "ACTOR", "ACTION", "SUBJECT", "DETAIL"), table)
     if args.limit is None and len(events) == limit:
         print(f"(the newest {limit}; --limit N for more)")
+    return 0
+
+
+# --- issue 12: acknowledging a page (the `oncall` group's rota commands come with the
+# rota branch; at merge `ack` joins that group) -------------------------------------------
+
+
+def add_oncall_ack_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`oncall ack NUMBER`."""
+    oncall = commands.add_parser("oncall", help="the on-call rota and pages")
+    sub = oncall.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ack = sub.add_parser("ack", help="acknowledge the pages of an urgent ticket")
+    ack.add_argument("number", type=_ticket_number, help="the ticket number")
+    ack.set_defaults(handler=cmd_oncall_ack)
+
+
+def cmd_oncall_ack(config: Config, args: argparse.Namespace) -> int:
+    from .actions import paging
+
+    actor = cli_actor()
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        if store.ticket_desk_info(conn, args.number) is None:
+            raise CliError(f"no ticket #{args.number}")
+        steps = paging.acknowledge(
+            conn, ticket=args.number, by=actor, how="cli", actor=actor, now=_clock(args).stamp()
+        )
+    if not steps:
+        print(f"#{args.number}: no page waiting for acknowledgement")
+    else:
+        print(f"#{args.number}: acknowledged (steps {', '.join(map(str, steps))})")
     return 0
 
 
