@@ -222,7 +222,27 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(f"  templates {config.templates_path} (checked)")
     for warning in config_warnings(config):
         print(f"gateway: WARNING: {warning}", file=sys.stderr)
+    for warning in _rota_warnings(config):
+        print(f"gateway: WARNING: {warning}", file=sys.stderr)
     return 0
+
+
+def _rota_warnings(config: Config) -> list[str]:
+    """On-call addresses on the rota (now or later) that are not staff (issue 12): they are
+    paged but cannot acknowledge by mail. Read only if the database exists already."""
+    if not config.database_path.exists():
+        return []
+    with closing(open_db(config)) as conn:
+        found = conn.execute(
+            "SELECT DISTINCT address FROM oncall_shifts WHERE ends_at > ? ORDER BY address",
+            (Clock().stamp(),),
+        ).fetchall()
+    return [
+        f"on-call address {row[0]} (gateway oncall list) is not a staff address: it is "
+        "paged, but cannot acknowledge a page by mail"
+        for row in found
+        if not config.is_staff(row[0])
+    ]
 
 
 def cmd_messages_list(config: Config, args: argparse.Namespace) -> int:

@@ -432,3 +432,19 @@ async def test_webhook_refused_then_hanging_then_accepted_is_delivered_once(
         "ack_due": "2026-12-05T22:15:00.000000+00:00",
     }
     assert_nothing_reaches_a_client(desk)
+
+
+async def test_check_config_warns_of_on_call_addresses_that_are_not_staff(
+    make_config: Any, start_gateway: Any, relay: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    desk = await start_desk(
+        make_config, start_gateway, relay, oncall='secondary = "pager@example.net"'
+    )
+    now = datetime.now(UTC)
+    add_shift(desk.config, "night@example.net", now, now + timedelta(hours=8))
+    capsys.readouterr()
+    assert run(desk.config, desk.clock, "check-config")[0] == 0
+    warnings = capsys.readouterr().err
+    assert "oncall.secondary pager@example.net is not a staff address" in warnings
+    assert "on-call address night@example.net" in warnings
+    assert SAM not in warnings and CAROL not in warnings
