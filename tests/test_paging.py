@@ -448,3 +448,24 @@ async def test_check_config_warns_of_on_call_addresses_that_are_not_staff(
     assert "oncall.secondary pager@example.net is not a staff address" in warnings
     assert "on-call address night@example.net" in warnings
     assert SAM not in warnings and CAROL not in warnings
+
+
+async def test_an_unproven_reply_to_a_page_acknowledges_nothing(desk: Desk) -> None:
+    await send_message(desk.gateway, make_message(subject="Site down", body=SITE_DOWN))
+    [page] = outbox(desk.config, "page")
+    token = make_token(desk.gateway.pipeline.token_secret, 1)
+    # Sam's address in From, but no authentication: held, like any unproven staff mail.
+    await send_message(
+        desk.gateway,
+        make_message(
+            subject="Re: PAGE",
+            sender=SAM,
+            headers=f"In-Reply-To: {page['message_id']}\r\n",
+            body="ack",
+        ),
+        sender=SAM,
+        recipients=(f"support+{token}@example.org",),
+    )
+    assert rows(desk.config, "SELECT COUNT(*) AS n FROM quarantine")[0]["n"] == 1
+    assert desk.pages() == [(0, SAM, None)]
+    assert [a["to"] for a in desk.at(15)] == [[CAROL]]
