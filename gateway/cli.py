@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(commands)
     add_outbox_commands(commands)
     add_scheduler_commands(commands)
-    add_oncall_commands(commands)
+    add_oncall_ack_command(add_oncall_commands(commands))
     return parser
 
 
@@ -224,7 +224,27 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(f"  templates {config.templates_path} (checked)")
     for warning in config_warnings(config):
         print(f"gateway: WARNING: {warning}", file=sys.stderr)
+    for warning in _rota_warnings(config):
+        print(f"gateway: WARNING: {warning}", file=sys.stderr)
     return 0
+
+
+def _rota_warnings(config: Config) -> list[str]:
+    """On-call addresses on the rota (now or later) that are not staff (issue 12): they are
+    paged but cannot acknowledge by mail. Read only if the database exists already."""
+    if not config.database_path.exists():
+        return []
+    with closing(open_db(config)) as conn:
+        found = conn.execute(
+            "SELECT DISTINCT address FROM oncall_shifts WHERE ends_at > ? ORDER BY address",
+            (Clock().stamp(),),
+        ).fetchall()
+    return [
+        f"on-call address {row[0]} (gateway oncall list) is not a staff address: it is "
+        "paged, but cannot acknowledge a page by mail"
+        for row in found
+        if not config.is_staff(row[0])
+    ]
 
 
 def cmd_messages_list(config: Config, args: argparse.Namespace) -> int:
@@ -1360,7 +1380,6 @@ def add_oncall_commands(
         "it by its local part",
     )
     oimport.set_defaults(handler=cmd_oncall_import)
-    # Paging (issue 12 item 3) adds `oncall ack` here: sub.add_parser("ack", ...).
     return sub
 
 
@@ -1519,6 +1538,33 @@ def cmd_oncall_import(config: Config, args: argparse.Namespace) -> int:
     for count, why in skipped:
         if count:
             print(f"gateway: note: {count} event(s) {why}: not imported", file=sys.stderr)
+    return 0
+
+
+# --- issue 12: acknowledging a page ------------------------------------------------------
+
+
+def add_oncall_ack_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`oncall ack NUMBER`, in the `oncall` group of add_oncall_commands."""
+    ack = sub.add_parser("ack", help="acknowledge the pages of an urgent ticket")
+    ack.add_argument("number", type=_ticket_number, help="the ticket number")
+    ack.set_defaults(handler=cmd_oncall_ack)
+
+
+def cmd_oncall_ack(config: Config, args: argparse.Namespace) -> int:
+    from .actions import paging
+
+    actor = cli_actor()
+    with closing(open_db(config)) as conn, store.write_transaction(conn):
+        if store.ticket_desk_info(conn, args.number) is None:
+            raise CliError(f"no ticket #{args.number}")
+        steps = paging.acknowledge(
+            conn, ticket=args.number, by=actor, how="cli", actor=actor, now=_clock(args).stamp()
+        )
+    if not steps:
+        print(f"#{args.number}: no page waiting for acknowledgement")
+    else:
+        print(f"#{args.number}: acknowledged (steps {', '.join(map(str, steps))})")
     return 0
 
 

@@ -446,6 +446,16 @@ def config_warnings(config: Config) -> list[str]:
             "nor policy.verify_dkim is set: nothing can authenticate staff mail, so every "
             "mail from a staff address will be held as unauthenticated"
         )
+    # Issue 12: whoever is paged acknowledges as staff (a reply to the page, #take).
+    secondaries = [("oncall.secondary", config.oncall.secondary)] + [
+        (f"unit {u.name!r} secondary", u.secondary) for u in config.units
+    ]
+    for key, address in secondaries:
+        if address and not config.is_staff(address):
+            warnings.append(
+                f"{key} {address} is not a staff address: it is paged, but cannot "
+                "acknowledge a page by mail (only `gateway oncall ack` would)"
+            )
     return warnings
 
 

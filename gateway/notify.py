@@ -25,6 +25,7 @@ from email.headerregistry import Address
 from enum import StrEnum
 
 from . import store
+from .businesstime import BusinessHours
 from .classify import Kind as Classification
 from .config import Config, MailboxConfig
 from .mailbuild import MAX_SUBJECT, MailSpec, quote_subject, sanitise_header
@@ -60,6 +61,9 @@ class MailKind(StrEnum):
     # Issue 12 item 5: a client reads as upset; to the organisation's account manager and
     # the ticket's owner (staff side), never to a client (`Planner.upset_notice`).
     ACCOUNT_MANAGER_NOTICE = "account-manager-notice"
+    # Issue 12 item 3: an urgent ticket out of hours, to the person on call (then the
+    # secondary, then the lead), never to a client (`Planner.page`).
+    PAGE = "page"
 
 
 STAFF_NOTICES = frozenset({MailKind.STAFF_NEW_TICKET, MailKind.STAFF_CLIENT_REPLY})
@@ -169,8 +173,12 @@ class Planner:
         record: StoredMessage,
         now: str,
         references: Sequence[str] = (),
+        *,
+        alerted: bool = False,
     ) -> Plan:
-        """The acknowledgement of a new ticket, or why not."""
+        """The acknowledgement of a new ticket, or why not. `alerted`: the person on call
+        was paged for it (an urgent ticket out of hours, with cover), which is what the
+        client is told happens next (`what_next`)."""
         why = self.inbound_refusal(record) or self.refusal(conn, record.sender, now)
         if why is None and store.ticket_acknowledged(conn, ticket):
             why = "already-acknowledged"  # RFC 3834 section 2: at most one per ticket
@@ -185,12 +193,89 @@ class Planner:
             now=now,
             in_reply_to=record.message_id,
             template="acknowledgement",
-            extra={},
+            extra=self._what_next(conn, ticket, now, alerted),
             # RFC 5322 section 3.6.4: the client's References, then its Message-ID.
             references=[*references, *([record.message_id] if record.message_id else [])],
             acknowledges=True,
         )
         return Plan((mail,))
+
+    def _what_next(
+        self, conn: sqlite3.Connection, ticket: int, now: str, alerted: bool
+    ) -> dict[str, object]:
+        """What the acknowledgement truthfully says happens next (issue 12 item 5):
+        "first-response" while the unit is open (`respond_by`: the ticket's promise),
+        "on-call" when the person on call was paged, else "desk-opens" (`next_open`). Times
+        are the unit's local ones ("Monday 09:00")."""
+        info = store.ticket_desk_info(conn, ticket)
+        hours = self.config.unit(info["unit"] if info else "").hours
+        moment = datetime.fromisoformat(now)
+        opens = hours.next_open(moment)
+        due = info["next_update_due"] if info else None
+        if alerted:
+            what = "on-call"
+        elif hours.is_open(moment):
+            what = "first-response"
+        else:
+            what = "desk-opens"
+        return {
+            "what_next": what,
+            "next_open": "" if hours.is_open(moment) else shown_time(hours, opens, moment),
+            "respond_by": shown_time(hours, datetime.fromisoformat(due), moment) if due else "",
+        }
+
+    def page(
+        self,
+        conn: sqlite3.Connection,
+        ticket: int,
+        to: Sequence[str],
+        *,
+        step: int,
+        reasons: Sequence[str],
+        ack_due: str,
+        now: str,
+    ) -> Plan:
+        """The page of an urgent ticket out of hours to `to` (the people on call, the
+        secondary or the lead: the caller's choice by step), or why not.
+
+        The guards are the last word: never a client (the ticket's requester, a
+        participant), never one of our own mailboxes, never an address that bounced. The
+        page carries no client words, only what it is about; its Reply-To is the ticket's
+        reply token, so a reply threads, and intake reads a reply to a page as its
+        acknowledgement (filed as a note, never sent on: `actions/paging.py`)."""
+        kind = MailKind.PAGE
+        info = store.ticket_desk_info(conn, ticket)
+        if info is None:
+            return _withheld(kind, ticket, "no-ticket", now)
+        clients = {info["requester"], *store.ticket_participants(conn, ticket)}
+        recipients = [
+            a
+            for a in dict.fromkeys(to)
+            if a
+            and a not in clients
+            and a not in {m.address for m in self.config.mailboxes}
+            and not store.is_undeliverable(conn, a)
+        ]
+        if not recipients:
+            return _withheld(kind, ticket, "no-recipient", now)
+        unit = self.config.unit(info["unit"])
+        due = datetime.fromisoformat(ack_due)
+        extra = {
+            "organisation": sanitise_header(info["organisation"] or "", 200),
+            "unit": info["unit"],
+            "reasons": list(reasons),
+            "step": step,
+            "ack_due": unit.hours.local(due).strftime("%a %d %b %Y %H:%M %Z"),
+            "ack_within": self.config.oncall.ack_within,
+            "cli": f"gateway oncall ack {ticket}",
+        }
+        mail = tuple(
+            self._plan(
+                conn, kind, ticket, to=a, now=now, in_reply_to=None, template="page", extra=extra
+            )
+            for a in recipients
+        )
+        return Plan(mail)
 
     def staff_reply(
         self, conn: sqlite3.Connection, ticket: int, body: str, staff: str | None, now: str
@@ -585,7 +670,17 @@ _AUTO_SUBMITTED = {
     MailKind.ESCALATION: "auto-generated",
     MailKind.DIGEST: "auto-generated",
     MailKind.ACCOUNT_MANAGER_NOTICE: "auto-generated",
+    MailKind.PAGE: "auto-generated",
 }
+
+
+def shown_time(hours: BusinessHours, moment: datetime, now: datetime) -> str:
+    """A time as the acknowledgement says it, in the unit's zone: "Monday 09:00" within
+    the coming week, with the date further out ("Monday 4 January 09:00")."""
+    local = hours.local(moment)
+    if moment - now < timedelta(days=6):
+        return f"{local:%A %H:%M}"
+    return f"{local:%A} {local.day} {local:%B %H:%M}"
 
 
 def _quoted(context: Mapping[str, object]) -> dict[str, object]:

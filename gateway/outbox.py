@@ -4,7 +4,11 @@ The worker reads due rows through the daemon's read-only aiosqlite connection (t
 `Reader`, opened by app.py), which sees committed rows only, delivers a few at a time, and
 records each outcome through the Writer: sent after the relay's 250 to DATA (or once the
 file is in place), retried with back-off after a temporary failure, failed after a 5xx or
-once retrying has gone on for too long. It must
+once retrying has gone on for too long. A page's webhook (issue 12) is a row of its own
+kind (`page-webhook`): its stored bytes are the JSON document, POSTed with the stdlib's
+urllib in a thread (aiohttp is no dependency, and one small POST a page does not warrant
+one), with `[delivery] timeout` per attempt and the same back-off and limits as mail; a
+webhook failing never marks the relay down, so other mail goes on. It must
 never send a row that is not committed, never send in plaintext when ``starttls`` is on,
 and never build a file path from anything but the row id and a sanitised Message-ID.
 """
@@ -15,12 +19,16 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import os
 import re
 import sqlite3
 import ssl
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
@@ -29,7 +37,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from . import store
+from . import __version__, store
 from .clock import Clock, iso
 from .config import Config
 from .logs import event
@@ -39,6 +47,7 @@ from .store import OutboxMail, Writer
 from .store.events import EventAction
 from .store.messages import fetch_mail_spec, fetch_raw
 from .store.outbox import due_mail
+from .store.pages import WEBHOOK_KIND
 from .store.reader import Reader
 
 log = logging.getLogger("gateway")
@@ -292,6 +301,71 @@ def relay_error(exc: Exception) -> DeliveryError:
     return DeliveryError(f"{type(exc).__name__}: {exc}")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A webhook's redirect is not followed: it could lead a page to a plain-http host
+    that is not loopback, which [oncall] webhook refuses (config.py)."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def webhook_allowed(url: str) -> bool:
+    """https, or http to loopback: the rule config.py checks, again at delivery (the URL
+    is the queued row's, written when the page was)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return True
+    if parts.scheme != "http":
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _post(url: str, body: bytes, timeout: float) -> int:
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": f"gateway/{__version__}"},
+    )
+    # No proxy from the environment (the loopback rule is about where the POST goes) and
+    # no redirects; certificates and host names are checked against the system's CAs.
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        _NoRedirects(),
+    )
+    with opener.open(request, timeout=timeout) as response:
+        response.read(65536)
+        return int(response.status)
+
+
+async def post_webhook(url: str, body: bytes, *, seconds: float) -> None:
+    """POST a page's JSON; DeliveryError unless the receiver answers 2xx. `seconds` bounds
+    each socket operation, and the attempt as a whole at twice that (a receiver that
+    trickles its answer); a 4xx other than 408 and 429 is final, anything else retried."""
+    if not webhook_allowed(url):
+        raise DeliveryError(
+            f"webhook refused: {url!r} is not https or loopback http", permanent=True
+        )
+    try:
+        status = await asyncio.wait_for(asyncio.to_thread(_post, url, body, seconds), 2 * seconds)
+    except urllib.error.HTTPError as exc:
+        final = 300 <= exc.code < 500 and exc.code not in (408, 429)
+        raise DeliveryError(f"webhook: HTTP {exc.code} {exc.reason}", permanent=final) from exc
+    except urllib.error.URLError as exc:
+        raise DeliveryError(f"webhook: {exc.reason}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise DeliveryError(
+            f"webhook: timeout or network error: {exc or type(exc).__name__}"
+        ) from exc
+    if not 200 <= status < 300:
+        raise DeliveryError(f"webhook: HTTP {status}")
+
+
 class OutboxWorker:
     """Delivers due outbox rows until stopped; `wake()` after a commit that queued mail.
 
@@ -416,9 +490,14 @@ class OutboxWorker:
         failure: DeliveryError | None = None
         try:
             raw = await fetch_raw(self.reader.db, mail.message)
-            if raw is None:
-                raw = await self._build(mail)
-            await transport.send(mail, raw)
+            if mail.kind == WEBHOOK_KIND:
+                if raw is None:
+                    raise DeliveryError("the stored webhook document is missing", permanent=True)
+                await post_webhook(mail.rcpt_to, raw, seconds=self.delivery.timeout)
+            else:
+                if raw is None:
+                    raw = await self._build(mail)
+                await transport.send(mail, raw)
         except DeliveryError as exc:
             failure = exc
         except Exception as exc:

@@ -35,6 +35,7 @@ TEMPLATE_NAMES = (
     "escalation",
     "digest",
     "account_manager_notice",
+    "page",
 )
 
 # The three files of one template, by the RenderedMail field each fills.
@@ -51,7 +52,11 @@ COMMON_KEYS = frozenset({"desk", "mailbox", "reply_address", "recipient", "recip
 _STAFF_NOTICE_KEYS = frozenset({"ticket", "client", "organisation", "unit", "owner", "due", "text"})
 CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "acknowledgement": COMMON_KEYS | {"ticket"},
+        # Issue 12 item 5, what happens next (notify.Planner._what_next): `what_next` is
+        # "first-response" (the desk is open: `respond_by`, the ticket's promise),
+        # "on-call" (urgent, out of hours, with cover: the person on call was paged) or
+        # "desk-opens" (`next_open`); times in the unit's zone ("Monday 09:00"), "" if none.
+        "acknowledgement": COMMON_KEYS | {"ticket", "what_next", "next_open", "respond_by"},
         "staff_reply": COMMON_KEYS | {"ticket", "body", "staff_name"},
         "status_change": COMMON_KEYS | {"ticket", "old_status", "new_status"},
         "quarantine_notice": COMMON_KEYS | {"entry", "held_count", "cli"},
@@ -76,6 +81,12 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
         "account_manager_notice": COMMON_KEYS
         | _STAFF_NOTICE_KEYS
         | {"account_manager", "reasons", "commitments", "cli"},
+        # Issue 12 item 3 (notify.Planner.page): to the person on call (step 0), the
+        # secondary (1) or the lead (2), never a client; no client words, only what it is
+        # about. `reasons` the urgency reasons, `ack_due` local to the unit, `cli` how to
+        # acknowledge from a shell (replying to the page or #take also do).
+        "page": COMMON_KEYS
+        | {"ticket", "organisation", "unit", "reasons", "step", "ack_due", "ack_within", "cli"},
     }
 )
 # The keys of the mappings inside a context.
@@ -156,7 +167,15 @@ def _ticket(status: str) -> Mapping[str, object]:
 # every template with it, and the tests use it.
 SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
     {
-        "acknowledgement": _frozen({**_CLIENT, "ticket": _ticket("new")}),
+        "acknowledgement": _frozen(
+            {
+                **_CLIENT,
+                "ticket": _ticket("new"),
+                "what_next": "first-response",
+                "next_open": "",
+                "respond_by": "Monday 13:00",
+            }
+        ),
         "staff_reply": _frozen(
             {
                 **_CLIENT,
@@ -258,6 +277,19 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "cli": "gateway tickets show 12",
             }
         ),
+        "page": _frozen(
+            {
+                **_STAFF,
+                "ticket": _ticket("new"),
+                "organisation": "Client Ltd",
+                "unit": "support",
+                "reasons": ("subject:site-down", "text:site-down"),
+                "step": 0,
+                "ack_due": "Sat 05 Dec 2026 22:15 GMT",
+                "ack_within": "15m",
+                "cli": "gateway oncall ack 12",
+            }
+        ),
     }
 )
 
@@ -266,7 +298,12 @@ SAMPLE_CONTEXTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
 # without a subject) are all exercised at start, not first by a client's mail.
 _VARIANTS: Mapping[str, tuple[Mapping[str, object], ...]] = MappingProxyType(
     {
-        "acknowledgement": ({"recipient_name": ""},),
+        "acknowledgement": (
+            {"recipient_name": ""},
+            {"what_next": "on-call", "next_open": "Monday 09:00", "respond_by": "Saturday 22:30"},
+            {"what_next": "desk-opens", "next_open": "Monday 09:00", "respond_by": ""},
+        ),
+        "page": ({"organisation": "", "step": 1}, {"step": 2, "reasons": ()}),
         "staff_reply": ({"recipient_name": "", "staff_name": ""},),
         "status_change": (
             {"recipient_name": "", "old_status": "solved", "new_status": "open"},

@@ -12,6 +12,9 @@ is what `gateway scheduler run --now` does):
   set) when the due time has come with no public update: it names the promise and how
   late it is, and the promise becomes `missed` (the ticket is overdue until a public
   update);
+- a **page** of the next step (issue 12: the secondary, then the lead) for an urgent
+  ticket whose page was not acknowledged by its `ack_due` (`actions/paging.py`; the
+  `pages` row, UNIQUE per ticket and step, is the mark);
 - a **digest** per unit to its staff at the start of each business day (its opening
   time; a daemon that was down then sends it late, while the desk is open that day):
   overdue, due today, new and unassigned.
@@ -40,7 +43,7 @@ from functools import partial
 from typing import Any, TypedDict
 
 from . import store
-from .actions import mail, quarantine
+from .actions import mail, paging, quarantine
 from .clock import Clock, iso
 from .config import Config, UnitConfig
 from .logs import event
@@ -49,6 +52,7 @@ from .notify import MailKind, Plan, Planner, Withheld
 from .render import Templates
 from .store import Writer
 from .store import commitments as promises
+from .store import pages as page_store
 from .store.events import EventAction, record_event
 from .tickets import SubjectTag
 
@@ -63,6 +67,7 @@ DIGEST_ITEMS = 25
 REMINDER = "reminder"
 ESCALATION = "escalation"
 DIGEST = "digest"
+PAGE = "page"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Job:
     commitment: int | None = None
     unit: str | None = None
     day: str | None = None  # the digest's local date, YYYY-MM-DD
+    ticket: int | None = None  # a page's escalation: its ticket
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,14 @@ class Done:
     late_seconds: int | None = None
     day: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    step: int | None = None  # a page: the step paged (1 secondary, 2 lead)
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"action": self.action, "unit": self.unit, "to": list(self.to)}
         if self.action == DIGEST:
             found.update(day=self.day, counts=self.counts)
+        elif self.action == PAGE:
+            found.update(ticket=self.ticket, step=self.step, ack_due=self.due)
         else:
             found.update(ticket=self.ticket, commitment=self.commitment, due=self.due)
         if self.action == ESCALATION:
@@ -105,6 +114,8 @@ class Done:
         if self.action == DIGEST:
             counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items())
             return f"{verb} digest of unit {self.unit} for {self.day} ({counts}) to {to}"
+        if self.action == PAGE:
+            return f"{verb} page (step {self.step}) for ticket #{self.ticket} to {to}"
         what = f"{verb} {self.action} for ticket #{self.ticket} (due {self.due}"
         if self.late_seconds is not None:
             what += f", {span(self.late_seconds)} late"
@@ -140,6 +151,9 @@ def due_jobs(config: Config, conn: sqlite3.Connection, now: datetime) -> list[Jo
         for c in promises.due_for_escalation(conn, now=stamp)
         if not c.answered
     ]
+    # A page not acknowledged in time goes to the next step (before reminders: it is the
+    # most pressing thing a pass does).
+    jobs.extend(Job(PAGE, ticket=t) for t in page_store.due_for_escalation(conn, now=stamp))
     configured = [unit.name for unit in config.units]
     # Tickets of a unit nobody configured (since removed from the file) get the defaults,
     # as Config.unit gives them; "" is never a unit's name.
@@ -184,6 +198,20 @@ def do_job(
     if job.action == DIGEST:
         assert job.unit is not None and job.day is not None
         return _digest(config, planner, conn, config.unit(job.unit), job.day, now)
+    if job.action == PAGE:
+        assert job.ticket is not None
+        paged = paging.escalate(conn, planner, job.ticket, iso(now))
+        if paged is None:
+            return None
+        unit = config.unit(paged.unit)
+        return Done(
+            PAGE,
+            unit.name,
+            paged.to,
+            paged.ticket,
+            due=_shown(unit, paged.ack_due),
+            step=paged.step,
+        )
     assert job.commitment is not None
     promise = promises.open_commitment(conn, job.commitment)
     if promise is None or promise.answered:
@@ -447,6 +475,7 @@ async def run_commitments(config: Config, writer: Writer, now: datetime) -> list
                 logging.ERROR,
                 action=job.action,
                 commitment=job.commitment,
+                ticket=job.ticket,
                 unit=job.unit,
                 error=str(result) or type(result).__name__,
             )

@@ -138,10 +138,16 @@ DUE_TIME = re.compile(
     r'(?<="next_update_due": ")[0-9T:.+-]{32}(?=")|(?<="due": ")[0-9T:.+-]{32}(?=")'
 )
 
+# What the acknowledgement says happens next (issue 12 item 5) depends on whether the unit
+# is open at the run's clock: when the first response is due, or when the desk opens. The
+# paragraph (wrapped, in JSON or as shown) up to the blank line after it.
+WHAT_NEXT = re.compile(r"(?<=What happens next:)(?:(?!\\n\\n|\n\n|</p>).)*", re.DOTALL)
+
 TABLE_DUE_TIME = re.compile(r"\b20\d\d-\d\d-\d\d \d\d:\d\d\b(?!:)")
 
 NORMALISERS: list[tuple[str, Callable[[Normaliser, str], str]]] = [
     ("due_time", _sub(DUE_TIME, lambda n, m: "<due>")),
+    ("what_next", _sub(WHAT_NEXT, lambda n, m: " <what-next>")),
     ("queue_id", _sub(QUEUE_ID, lambda n, m: f"<queue-id-{n.number('q', m.group(0))}>")),
     ("tempfail_ref", _sub(TEMPFAIL_REF, lambda n, m: "(ref <ref>)")),
     (
@@ -835,7 +841,24 @@ def run_session(folder: Path | None = None) -> list[dict[str, Any]]:
         run_days=tuple(sorted({start, end})),
         user=pwd.getpwuid(os.getuid()).pw_name,
     )
-    return [{"step": s.name, "lines": [normalise(line) for line in s.lines]} for s in steps]
+    return [
+        {"step": s.name, "lines": _fold_what_next([normalise(line) for line in s.lines])}
+        for s in steps
+    ]
+
+
+def _fold_what_next(lines: list[str]) -> list[str]:
+    """The shown acknowledgement's "What happens next" paragraph is wrapped over lines whose
+    words depend on the clock (WHAT_NEXT): its continuation lines are dropped, up to the
+    blank line that ends it."""
+    kept: list[str] = []
+    folding = False
+    for line in lines:
+        if folding and line.strip() not in ("out:", ""):
+            continue
+        folding = line.rstrip().endswith("What happens next: <what-next>")
+        kept.append(line)
+    return kept
 
 
 def load_golden() -> list[dict[str, Any]]:

@@ -447,7 +447,17 @@ def test_the_context_contract() -> None:
     # The keys the planner provides (a contract with gateway/notify.py): pinned here.
     assert COMMON_KEYS == {"desk", "mailbox", "reply_address", "recipient", "recipient_name"}
     assert {name: keys - COMMON_KEYS for name, keys in CONTEXT_KEYS.items()} == {
-        "acknowledgement": {"ticket"},
+        "acknowledgement": {"ticket", "what_next", "next_open", "respond_by"},
+        "page": {
+            "ticket",
+            "organisation",
+            "unit",
+            "reasons",
+            "step",
+            "ack_due",
+            "ack_within",
+            "cli",
+        },
         "staff_reply": {"ticket", "body", "staff_name"},
         "status_change": {"ticket", "old_status", "new_status"},
         "quarantine_notice": {"entry", "held_count", "cli"},

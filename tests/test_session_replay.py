@@ -38,8 +38,8 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     """Each named pattern rewrites its own kind of value and leaves its neighbours alone."""
     n = Normaliser(tmp="/tmp/gateway-session-x", run_days=("2030-01-02",), user="someone")
     assert [name for name, _ in NORMALISERS] == [
-        "due_time", "queue_id", "tempfail_ref", "our_message_id", "reply_token_mac", "peer_port",
-        "time", "due_time_in_tables", "tmp_path", "cli_user",
+        "due_time", "what_next", "queue_id", "tempfail_ref", "our_message_id", "reply_token_mac",
+        "peer_port", "time", "due_time_in_tables", "tmp_path", "cli_user",
     ]  # fmt: skip
     text = (
         "250 2.0.0 Ok: queued as 0123456789abcdef | queued as fedcba9876543210 | "
@@ -70,6 +70,10 @@ def test_normalisation_blanks_only_what_is_random() -> None:
     assert n("#37  new  2030-01-07 13:00  a@b") == "#37  new  <time>  a@b"
     # Seconds are not a table's due time: kept.
     assert n("2030-01-07 13:00:05") == "2030-01-07 13:00:05"
+    # What the acknowledgement says happens next depends on the clock: up to its blank line.
+    assert n("ok.\\n\\nWhat happens next: our desk is closed now;\\nit opens.\\n\\nWant") == (
+        "ok.\\n\\nWhat happens next: <what-next>\\n\\nWant"
+    )
 
 
 def test_a_difference_is_shown_as_a_diff_of_the_first_steps() -> None:

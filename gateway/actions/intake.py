@@ -45,7 +45,7 @@ from ..tickets import (
     verify_token,
 )
 from ..urgency import UrgencyFacts, assess, phrase_table
-from . import mail
+from . import mail, paging
 from . import tickets as ticket_actions
 
 # What each classification files as. Auto-replies, notices and bounces are events on a
@@ -526,6 +526,21 @@ def file_message(
 
     decision = thread_message(intake.thread, queries)
     if decision.ticket is not None and intake.said.staff:
+        # A reply to a page (issue 12) acknowledges it, and is an internal note: what the
+        # person on call writes back to a page is not meant for the client.
+        page_reply = not intake.released and paging.replies_to_page(
+            conn, decision.ticket.number, intake.thread.references, record.sender
+        )
+        if page_reply:
+            assert record.sender is not None
+            paging.acknowledge(
+                conn,
+                ticket=decision.ticket.number,
+                by=record.sender,
+                how="reply",
+                actor=record.sender,
+                now=now,
+            )
         wrote = ticket_actions.staff_wrote(
             conn,
             planner,
@@ -537,6 +552,7 @@ def file_message(
             save=save,
             via=decision.via,
             released=intake.released,
+            as_note=page_reply,
         )
         return wrote.message, wrote.filing
     if decision.ticket is not None:
@@ -553,6 +569,7 @@ def file_message(
         )
         filing = Filing(decision.ticket.number, intake.kind, decision.via)
         row_id = save(filing)
+        paging.page_at_intake(conn, planner, ticket=decision.ticket.number, record=record, now=now)
         _tell_staff(conn, planner, MailKind.STAFF_CLIENT_REPLY, decision.ticket.number, record, now)
         ticket_actions.client_upset(
             conn,
@@ -583,7 +600,12 @@ def file_message(
         now=now,
         urgency=intake.urgency,
     )
-    mail.write(conn, planner.acknowledge(conn, opened.ticket, record, now, intake.references))
+    # Paged first: the acknowledgement says truthfully whether someone was alerted.
+    alerted = paging.page_at_intake(conn, planner, ticket=opened.ticket, record=record, now=now)
+    mail.write(
+        conn,
+        planner.acknowledge(conn, opened.ticket, record, now, intake.references, alerted=alerted),
+    )
     _tell_staff(conn, planner, MailKind.STAFF_NEW_TICKET, opened.ticket, record, now)
     ticket_actions.client_upset(
         conn,

@@ -40,7 +40,7 @@ from ..store.tickets import (
 )
 from ..upset import UpsetFacts, UpsetVerdict
 from ..upset import decide as decide_upset
-from . import mail
+from . import mail, paging
 from .errors import ActionError
 
 # How a caller stores the message an action files (inserts it, or files a stored row).
@@ -473,6 +473,7 @@ def staff_wrote(
     via: Via = Via.CLI,
     released: bool = False,
     next_when: str | None = None,
+    as_note: bool = False,
 ) -> StaffWrote:
     """Staff writing into a ticket, by mail or with `gateway tickets reply`: a public reply
     the client receives (the ticket then waits on them), or, with "#note" as its first line,
@@ -489,6 +490,8 @@ def staff_wrote(
     a mail with nothing else in it is filed as a note. A WHEN that is not one is refused
     at the CLI; in mail it is dropped (the reply still goes; the default promise applies)
     and named in the ticket.replied event.
+
+    `as_note`: a reply to a page (issue 12), filed as a note whatever it says.
 
     Mail an admin released from the quarantine (`released`) is always a note, and its
     command lines do nothing: it was held because nothing proved a staff member wrote
@@ -516,9 +519,11 @@ def staff_wrote(
         )
     if commands.take and staff:
         assign(conn, planner, ticket=ticket, owner=staff, actor=actor, now=now)
+        # Taking the ticket acknowledges its pages (issue 12): someone has it now.
+        paging.acknowledge(conn, ticket=ticket, by=staff, how="take", actor=actor, now=now)
     if commands.urgent:
         mark_urgent(conn, planner, ticket, ["staff"], actor=actor, now=now)
-    if released or is_note(text) or not text:
+    if released or as_note or is_note(text) or not text:
         author = staff or "<>"
         if save is None:
             save = note_saver(conn, text, author, now)
