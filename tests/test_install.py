@@ -20,11 +20,15 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from .clients import send_message
 from .conftest import ROOT, DaemonProcess, make_message, wait_for
@@ -275,3 +279,20 @@ async def test_serve_from_the_install_delivers_and_reads_back(installed: Install
         assert proc.wait(30) == 0, log.read_text("utf-8", "replace")
     # Nothing was written beside the config.
     assert sorted(p.name for p in installed.etc.iterdir()) == ["config.toml"]
+
+
+def test_constraints_pin_every_dependency_within_its_range() -> None:
+    # constraints.txt is what a deployment installs with (-c); a dependency added to
+    # pyproject.toml without regenerating it, or a pin outside the declared range, would
+    # make that install differ from the tested one or fail.
+    pins: dict[str, Version] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), (text, str(pins[name]))
