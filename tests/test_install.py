@@ -30,6 +30,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from gateway.config import ConfigError, check_writable, parse_config
+
 from .clients import send_message
 from .conftest import ROOT, DaemonProcess, make_message, wait_for
 
@@ -296,3 +298,35 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not pinned in constraints.txt"
         assert requirement.specifier.contains(pins[name]), (text, str(pins[name]))
+
+
+# The state rule, in-process: the same function the installed daemon runs above.
+
+
+def test_state_directory_is_the_default_only_for_keys_not_given(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    environ = {"STATE_DIRECTORY": f"{state}:{tmp_path / 'second'}"}
+    mailbox = {"mailbox": [{"address": "support@example.org", "unit": "support"}]}
+    config = parse_config(mailbox, tmp_path / "etc" / "config.toml", environ)
+    assert config.database_path == state / "gateway.db"
+    assert config.outbox_path == state / "outbox"
+    given = {**mailbox, "storage": {"database": "db/x.db"}}
+    config = parse_config(given, tmp_path / "etc" / "config.toml", environ)
+    assert config.database_path == tmp_path / "etc" / "db" / "x.db"
+    assert config.outbox_path == state / "outbox"
+    config = parse_config(mailbox, tmp_path / "etc" / "config.toml", {})
+    assert config.database_path == tmp_path / "etc" / "var" / "gateway.db"
+    with pytest.raises(ConfigError, match="STATE_DIRECTORY: must be an absolute path"):
+        parse_config(mailbox, tmp_path / "config.toml", {"STATE_DIRECTORY": "relative"})
+
+
+def test_check_writable_names_the_outbox_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data = {
+        "mailbox": [{"address": "support@example.org", "unit": "support"}],
+        "delivery": {"directory": str(blocker / "outbox")},
+    }
+    config = parse_config(data, tmp_path / "config.toml", {})
+    with pytest.raises(ConfigError, match=r"delivery\.directory: .*file is not a folder"):
+        check_writable(config)
