@@ -19,7 +19,7 @@ import time
 from . import __version__
 from .authn import DnsFunc
 from .clock import Clock
-from .config import Config
+from .config import Config, check_writable
 from .logs import event
 from .outbox import STOP_GRACE_SECONDS as OUTBOX_STOP_GRACE
 from .outbox import OutboxWorker
@@ -209,6 +209,9 @@ def _install_test_hooks(loop: asyncio.AbstractEventLoop, gateway: Gateway) -> No
 
 
 def serve(config: Config) -> int:
+    # Before anything is opened or bound: a folder the daemon cannot write is a ConfigError
+    # naming the key (cli.main prints it, exit 1), not a crash after READY.
+    check_writable(config)
     try:
         return asyncio.run(run(config))
     except StoreError as exc:

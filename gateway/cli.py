@@ -31,7 +31,14 @@ from .actions import tickets as ticket_actions
 from .actions.senders import printable, valid_address, valid_domain
 from .address import parse_sender
 from .clock import Clock, FixedClock, iso
-from .config import Config, ConfigError, config_path, config_warnings, load_config
+from .config import (
+    Config,
+    ConfigError,
+    check_writable,
+    config_path,
+    config_warnings,
+    load_config,
+)
 from .model import MessageKind
 from .notify import Planner
 from .render import TemplateError, Templates
@@ -215,10 +222,15 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     # The templates are part of the configuration: a typo must stop a deploy here, not
     # the daemon's start (or a client's mail).
     Templates(config.templates_path).check()
+    # Every folder the daemon writes (database, outbox), as this user: run it as the
+    # service user (the unit's ExecStartPre= does) for an answer that holds for serve.
+    check_writable(config)
     mailboxes = ", ".join(f"{m.address} ({m.unit})" for m in config.mailboxes)
     print(f"{config.path}: ok")
     print(f"  listen    {config.smtp.protocol} on {config.smtp.host}:{config.smtp.port}")
     print(f"  database  {config.database_path}")
+    if config.delivery.mode == "directory":
+        print(f"  outbox    {config.outbox_path}")
     print(f"  mailboxes {mailboxes}")
     print(f"  tls       {'STARTTLS offered' if config.smtp.tls_enabled else 'off'}")
     print(f"  templates {config.templates_path} (checked)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import ipaddress
 import os
 import tomllib
@@ -207,8 +208,35 @@ class DeliveryConfig:
     poll_interval: float = 5.0
 
 
-# The templates shipped with gateway: the project's top-level templates/ folder.
-BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# The templates shipped with gateway: the project's top-level templates/ folder, which
+# pyproject.toml packages as gateway.templates (gateway/templates in an installed wheel).
+TEMPLATES_PACKAGE = "gateway.templates"
+
+
+def _builtin_templates() -> Path:
+    """Where importlib.resources finds the shipped templates: templates/ in a checkout or
+    an editable install, site-packages/gateway/templates once the wheel is installed."""
+    try:
+        root = importlib.resources.files(TEMPLATES_PACKAGE)
+    except ModuleNotFoundError:
+        root = None
+    if isinstance(root, Path):
+        return root
+    # Not a folder on disk (a broken install, or imported from a zip): the place a wheel
+    # puts them, so that the error names what is missing.
+    return Path(__file__).resolve().parent / "templates"
+
+
+BUILTIN_TEMPLATES = _builtin_templates()
+
+# systemd's StateDirectory= (the unit's /var/lib/gateway) as the service sees it; with
+# several entries, a colon-separated list of absolute paths (systemd.exec(5)).
+STATE_DIRECTORY_ENV = "STATE_DIRECTORY"
+# The state keys: (section, key) -> the name under $STATE_DIRECTORY when the key is not
+# in the file. A key given in the file is always used as given.
+STATE_DEFAULTS: Mapping[tuple[str, str], str] = types.MappingProxyType(
+    {("storage", "database"): "gateway.db", ("delivery", "directory"): "outbox"}
+)
 
 
 @dataclass(frozen=True)
@@ -497,7 +525,34 @@ _SECTIONS = {
 }
 
 
-def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+def state_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The first entry of $STATE_DIRECTORY, or None when it is not set."""
+    value = environ.get(STATE_DIRECTORY_ENV, "")
+    if not value:
+        return None
+    first = Path(value.split(":")[0])
+    if not first.is_absolute():
+        raise ConfigError(f"{STATE_DIRECTORY_ENV}: must be an absolute path, got {value!r}")
+    return first
+
+
+def _state_defaults(data: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`data` with each state key the file leaves out set under $STATE_DIRECTORY."""
+    state = state_directory(environ)
+    if state is None:
+        return dict(data)
+    merged = dict(data)
+    for (section, key), name in STATE_DEFAULTS.items():
+        table = data.get(section, {})
+        if isinstance(table, dict) and key not in table:
+            merged[section] = {**merged.get(section, {}), key: str(state / name)}
+    return merged
+
+
+def parse_config(
+    data: Mapping[str, Any], path: Path, environ: Mapping[str, str] = os.environ
+) -> Config:
+    data = _state_defaults(data, environ)
     unknown = sorted(set(data) - _SECTIONS)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (expected one of {sorted(_SECTIONS)})")
@@ -923,8 +978,44 @@ def _validate_delivery(config: Config) -> None:
             raise ConfigError(f"delivery.{key}: no such file: {config.resolve(value)}")
     if delivery.username and not delivery.starttls:
         raise ConfigError("delivery.starttls: a password is never sent without TLS")
+    if not config.templates.directory and not BUILTIN_TEMPLATES.is_dir():
+        raise ConfigError(
+            f"templates.directory: not set, and the templates shipped with gateway are "
+            f"missing ({BUILTIN_TEMPLATES}): reinstall gateway, or set templates.directory"
+        )
     if not config.templates_path.is_dir():
         raise ConfigError(f"templates.directory: no such folder: {config.templates_path}")
+
+
+def check_writable(config: Config) -> None:
+    """Every folder the daemon writes must be writable by this process: ConfigError naming
+    the first key that is not (check-config, and serve before it opens or binds anything).
+
+    A missing folder is created at start, so its nearest existing parent must be writable.
+    os.access also sees a read-only mount (EROFS), as systemd's ProtectSystem=strict makes
+    /etc; for root it is otherwise always true.
+    """
+    folders = [("storage.database", config.database_path.parent)]
+    if config.delivery.mode == "directory":
+        folders.append(("delivery.directory", config.outbox_path))
+    for key, folder in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{key}: {existing} is not a folder (for {folder})")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "" if existing == folder else f" (to create {folder})"
+            raise ConfigError(
+                f"{key}: cannot write to {existing}{what}: set {key} to a writable place, "
+                f"or run under systemd with StateDirectory= (${STATE_DIRECTORY_ENV})"
+            )
+    # SQLite writes the file and its -wal and -shm beside it; one made by root (an admin
+    # command run as root) locks the service user out.
+    database = config.database_path
+    for file in (database, database.with_name(database.name + "-wal")):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            raise ConfigError(f"storage.database: cannot write to {file}")
 
 
 def normalise_mailbox(address: str, key: str, allow_plus: bool = False) -> str:
