@@ -205,7 +205,9 @@ class Postfix:
         # Our own listener on loopback instead of port 25; no chroot (the system's master.cf
         # chroots some daemons, which would need a copy of /etc files in our queue).
         self.postconf("-MX", "smtp/inet")
-        self.postconf("-M", f"127.0.0.1:{self.port}/inet=127.0.0.1:{self.port} inet n - n - - smtpd")
+        self.postconf(
+            "-M", f"127.0.0.1:{self.port}/inet=127.0.0.1:{self.port} inet n - n - - smtpd"
+        )
         self.postconf("-F", "*/*/chroot=n")
 
     def start(self) -> Postfix:
@@ -275,9 +277,7 @@ class Postfix:
         status is sent, deferred, bounced or discarded."""
         return [
             (m.group(1), m.group(2), m.group(3))
-            for m in re.finditer(
-                r" ([0-9A-F]+): to=<([^>]*)>.*? status=(\w+)", self.log_text()
-            )
+            for m in re.finditer(r" ([0-9A-F]+): to=<([^>]*)>.*? status=(\w+)", self.log_text())
         ]
 
     def queue(self) -> list[dict[str, object]]:
@@ -326,4 +326,3 @@ def _process_tree(pid: int) -> list[int]:
         for child in children:
             found.extend(_process_tree(int(child)))
     return found
-
