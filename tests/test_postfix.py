@@ -208,7 +208,11 @@ def test_readme_recipes_are_the_tested_ones() -> None:
     found = README_SECTION.search((ROOT / "README.md").read_text())
     assert found, 'README has no "## Behind Postfix" section'
     section = found.group(1)
-    documented = re.findall(r"^\s*'?([a-z_]+) = (.*?)'?\s*\\?$", section, re.M)
+    # Settings are the lines of its ```conf blocks; table lines are quoted in other blocks.
+    blocks = re.findall(r"^```conf\n(.*?)^```", section, re.S | re.M)
+    documented = [
+        tuple(line.split(" = ", 1)) for block in blocks for line in block.splitlines() if line
+    ]
     assert documented, "no settings found in the section"
     fill = {"{dir}": "/etc/postfix", "{cap}": "10", "{port}": "2525"}
 
