@@ -8,6 +8,14 @@ state lives in a temporary directory that is removed at the end.
 
     .venv/bin/python bench/intake.py                       # 2000 messages, 1,8,32,100
     .venv/bin/python bench/intake.py --messages 500 --concurrency 32 --json
+    .venv/bin/python bench/intake.py --postfix --authorise  # + a private Postfix (root)
+    .venv/bin/python bench/intake.py --tiny --postfix --json  # seconds: CI's smoke run
+
+`--postfix` adds, when Postfix is installed (and we are root), a privately started Postfix
+(tests/postfix.py: its own config, queue and data directories and loopback port, never the
+system instance; `default_transport = discard`, `in_flow_delay = 0`) to the same rotation:
+the most trusted MTA's durable enqueue (its queue file fsynced before the 250), measured on
+the same machine in the same run (issue 14 item 1).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The private Postfix harness is shared with the tests (tests/postfix.py, no pytest in it).
+sys.path.insert(0, str(ROOT))
+from tests import postfix as pf  # noqa: E402
 
 # What both servers are told: the gateway's production limits, except that the connection
 # caps are raised above the highest concurrency (the load comes from one address).
@@ -399,6 +410,36 @@ def store_only_server(workdir: Path) -> ServerProcess:
     return ServerProcess("store-only", argv, workdir / "store-only.log", ready=BARE_READY)
 
 
+class PostfixServer:
+    """The private Postfix reference, with the interface the rotation uses."""
+
+    name = "postfix"
+
+    def __init__(self) -> None:
+        self.postfix = pf.Postfix(pf.DISCARD_SETTINGS)
+        self.port = 0
+        # Mail accepted but not yet through qmgr and discard: its CPU is Postfix's cost too.
+        self.backlog: Callable[[], int] = self.postfix.queued_files
+
+    def start(self) -> None:
+        try:
+            self.postfix.start()
+        except (pf.PostfixError, OSError, subprocess.SubprocessError) as exc:
+            raise StartError(f"postfix did not start: {exc}") from exc
+        self.port = self.postfix.port
+
+    def cpu_seconds(self) -> float:
+        """master, smtpd, cleanup, qmgr, trivial-rewrite, discard, ... (exited ones too)."""
+        return self.postfix.cpu_seconds()
+
+    def cpu_parts(self) -> dict[str, float]:
+        return {}
+
+    def stop(self, timeout: float = 60) -> int | None:
+        self.postfix.stop()
+        return 0
+
+
 # --- the client --------------------------------------------------------------------------
 
 
@@ -618,6 +659,7 @@ class Row:
     bare: LoadResult
     gateway: LoadResult
     store_only: LoadResult | None = None
+    postfix: LoadResult | None = None
 
     @property
     def ratio(self) -> float:
@@ -651,6 +693,9 @@ class Row:
         if self.store_only is not None:
             found["store_only"] = part(self.store_only)
             found["store_only_ratio"] = round(self.store_only.rate / self.bare.rate, 3)
+        if self.postfix is not None:
+            found["postfix"] = part(self.postfix)
+            found["gateway_postfix_ratio"] = round(self.gateway.rate / self.postfix.rate, 3)
         return found
 
 
@@ -760,6 +805,24 @@ def print_table(rows: Sequence[Row], say: Callable[[str], None]) -> None:
                 f"{ref.percentile(99):>7.1f}  {ref.rate / row.bare.rate:>5.2f}  "
                 f"{ref.cpu_per_message(ref.server_cpu):>10.2f}"
             )
+    with_postfix = [row for row in rows if row.postfix is not None]
+    if with_postfix:
+        say("")
+        say(
+            f"{'conc':>5}  {'postfix msg/s':>13} {'p50 ms':>7} {'p99 ms':>7}  "
+            f"{'gw / postfix':>12}  {'CPU ms/msg: postfix':>19} {'gw':>5}"
+            "   (durable enqueue, then discard)"
+        )
+        for row in with_postfix:
+            ref = row.postfix
+            assert ref is not None
+            gw = row.gateway
+            say(
+                f"{row.concurrency:>5}  {ref.rate:>13.0f} {ref.percentile(50):>7.1f} "
+                f"{ref.percentile(99):>7.1f}  {gw.rate / ref.rate:>12.2f}  "
+                f"{ref.cpu_per_message(ref.server_cpu):>19.2f} "
+                f"{gw.cpu_per_message(gw.server_cpu):>5.2f}"
+            )
     say("")
     say(
         f"{'conc':>5}  gateway CPU ms/msg by part: {'loop':>5} {'threads':>7} {'workers':>7}"
@@ -795,7 +858,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     gateway.backlog = lambda: queued_mail(database)
     bare = bare_server(workdir)
-    references = [bare, store_only_server(workdir)] if args.store_only else [bare]
+    references: list[Any] = [bare, store_only_server(workdir)] if args.store_only else [bare]
+    if args.postfix:
+        missing = pf.unavailable()
+        if missing:
+            print(f"bench/intake: no Postfix reference: {missing}", file=sys.stderr)
+        else:
+            references.append(PostfixServer())
     servers = [*references, gateway]
     body = make_body(args.size)
     rows: list[Row] = []
@@ -816,7 +885,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Warm up each (imports, parser workers, SQLite page cache) outside the figures.
         for server in servers:
             warm = await drive(
-                server.port, 100, 8, args.messages_per_connection, body, "warm", args.senders
+                server.port,
+                min(100, args.messages),
+                8,
+                args.messages_per_connection,
+                body,
+                "warm",
+                args.senders,
             )
             if server is gateway:
                 acknowledged += warm.messages
@@ -830,7 +905,15 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     if server is gateway:
                         acknowledged += result.messages
             results = {name: median_run(found) for name, found in runs.items()}
-            rows.append(Row(level, results["bare"], results["gateway"], results.get("store-only")))
+            rows.append(
+                Row(
+                    level,
+                    results["bare"],
+                    results["gateway"],
+                    results.get("store-only"),
+                    results.get("postfix"),
+                )
+            )
             say(
                 f"  concurrency {level}: "
                 + ", ".join(f"{name} {result.rate:.0f} msg/s" for name, result in results.items())
@@ -846,7 +929,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"gateway: acknowledged {acknowledged}, stored {stored} "
         f"({'ok' if stored == acknowledged else 'MISMATCH'}); exit code {gateway_exit}"
     )
-    measured = [run for r in rows for run in (r.bare, r.gateway, r.store_only) if run]
+    measured = [run for r in rows for run in (r.bare, r.gateway, r.store_only, r.postfix) if run]
     other = sum(run.other_cpu for run in measured)
     wall = sum(run.seconds for run in measured)
     if wall and other / wall > 0.1:
@@ -872,6 +955,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "gateway_stored": stored,
         "gateway_exit": gateway_exit,
         "bare_exit": bare_exit,
+        "postfix": any(server.name == "postfix" for server in servers),
     }
 
 
@@ -943,13 +1027,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure the store-only reference: aiosmtpd plus group commit, no parsing",
     )
+    parser.add_argument(
+        "--postfix",
+        action="store_true",
+        help="also measure a privately started Postfix (durable enqueue, then discard), "
+        "when Postfix is installed and we are root",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"a run of seconds so CI keeps the bench working: {TINY_MESSAGES} messages, "
+        "concurrency 1,8,32, 5 per connection (figures meaningless)",
+    )
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-store-only", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
+TINY_MESSAGES = 40
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tiny:
+        args.messages, args.concurrency = TINY_MESSAGES, [1, 8, 32]
+        args.messages_per_connection, args.repeat = 5, 1
     if args.serve_bare or args.serve_store_only:
         asyncio.run(serve_reference(MAX_MESSAGE_SIZE, args.serve_store_only))
         return 0
