@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,14 +18,17 @@ import sys
 import time
 
 from . import __version__
+from .actions.intake import own_identity
 from .authn import DnsFunc
 from .clock import Clock
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .logs import event
+from .notify import Planner
 from .outbox import STOP_GRACE_SECONDS as OUTBOX_STOP_GRACE
-from .outbox import OutboxWorker
+from .outbox import OutboxWorker, relay_tls_context
 from .parserpool import ParserPool, parse_limits
 from .pipeline import Pipeline
+from .render import TemplateError, Templates
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
@@ -88,6 +92,50 @@ class Gateway:
             await self.writer.close()
             raise
 
+    def reload(self, new: Config) -> Config:
+        """Apply a checked new configuration to what can change while running; returns
+        the configuration now in force.
+
+        Restart-only: [smtp] (the listening socket, protocol, TLS files, limits),
+        [[mailbox]] (which recipients the server accepts), [storage], [parser] and
+        [metrics]; their old values are kept, and the keys that differ are returned
+        by `restart_needed`. Everything else (templates, policy, staff, units,
+        commitments, delivery, tickets, urgency, upset, on-call) applies to the next
+        message, delivery and scheduler pass.
+        """
+        old = self.config
+        config = dataclasses.replace(
+            new,
+            smtp=old.smtp,
+            mailboxes=old.mailboxes,
+            storage=old.storage,
+            parser=old.parser,
+            metrics=old.metrics,
+        )
+        templates = Templates(config.templates_path)
+        tls_context = self.outbox.tls_context
+        if config.delivery != old.delivery and config.delivery.mode == "smtp":
+            tls_context = relay_tls_context(config) if config.delivery.starttls else None
+        # Nothing below can fail: a reload is applied whole or not at all.
+        self.config = config
+        self.pipeline.config = config
+        self.pipeline.own = own_identity(config)
+        self.pipeline.planner = Planner(config, templates, self.pipeline.token_secret)
+        self.outbox.config = config
+        self.outbox.delivery = config.delivery
+        self.outbox.templates = templates
+        self.outbox.tls_context = tls_context
+        self.outbox._folder_ready = False  # a new delivery.directory is made on first use
+        if self._scheduler is not None:
+            # The scheduler reads its config once a pass: a new task uses the new one
+            # (its first pass runs now; every job is done once, so an early pass is safe).
+            self._scheduler.cancel()
+            self._scheduler = asyncio.create_task(
+                run_scheduler(config, self.writer, self.clock), name="gateway-scheduler"
+            )
+        self.outbox.wake()
+        return config
+
     @property
     def port(self) -> int:
         assert self._server is not None
@@ -137,6 +185,36 @@ async def run(config: Config) -> int:
         stop.set()
 
     gateway.writer.on_failure = database_failed
+
+    def reload() -> None:
+        # SIGHUP: read and check the whole new configuration (and its templates) first;
+        # a bad one is logged, naming the key or file, and the running one is kept.
+        try:
+            new = load_config(config.path)
+            Templates(new.templates_path).check()
+        except (ConfigError, TemplateError, OSError) as exc:
+            event("config.reload_failed", logging.ERROR, path=config.path, error=exc)
+            return
+        restart = restart_needed(gateway.config, new)
+        try:
+            gateway.reload(new)
+        except (ssl.SSLError, OSError) as exc:
+            event("config.reload_failed", logging.ERROR, path=config.path, error=exc)
+            return
+        if restart:
+            event(
+                "config.restart_needed",
+                logging.WARNING,
+                sections=",".join(restart),
+                detail="changed, kept until restart",
+            )
+        event("config.reloaded", path=config.path)
+
+    # Until the parts are started there is nothing to reload into; SIGHUP's default
+    # action (exit) must not kill a starting daemon either.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: event("config.reload_ignored", logging.WARNING, why="starting")
+    )
     try:
         await gateway.start()
     except StoreError as exc:
@@ -144,6 +222,7 @@ async def run(config: Config) -> int:
         notifier.status(f"refusing to start: {exc}")
         notifier.close()
         raise
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if os.environ.get(TEST_HOOKS_ENV) == "1":
         _install_test_hooks(loop, gateway)
     event(
@@ -174,6 +253,12 @@ async def run(config: Config) -> int:
     notifier.close()
     event("gateway.stopped", batches=gateway.writer.batches, messages=gateway.writer.units)
     return 1 if failures else 0
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The restart-only sections (see `Gateway.reload`) that differ between two configs."""
+    names = ("smtp", "mailboxes", "storage", "parser", "metrics")
+    return [name for name in names if getattr(old, name) != getattr(new, name)]
 
 
 async def _keep_watchdog(notifier: SystemdNotifier, interval: float) -> None:

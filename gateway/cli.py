@@ -204,7 +204,7 @@ def open_db(config: Config) -> sqlite3.Connection:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from . import app, logs  # the daemon's imports are not needed by the admin commands
 
-    logs.configure(config.log.level)
+    logs.configure(config.log.level, syslog_prefix=config.log.syslog_prefix)
     return app.serve(config)
 
 

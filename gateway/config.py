@@ -220,6 +220,17 @@ class TemplatesConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    # "auto": each line starts with its syslog priority <N> when stdout is the journal
+    # ($JOURNAL_STREAM, sd-daemon(3)); "always" / "never" decide regardless.
+    syslog_prefix: str = "auto"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # "host:port" ("[::1]:9464" for IPv6) of the Prometheus endpoint; "" = off.
+    listen: str = ""
+    # gateway status exits 1 when the oldest queued outbox row is older than this (s).
+    stuck_after: int = 3600
 
 
 @dataclass(frozen=True)
@@ -376,6 +387,7 @@ class Config:
     urgency: UrgencyConfig = field(default_factory=UrgencyConfig)
     upset: UpsetConfig = field(default_factory=UpsetConfig)
     oncall: OncallConfig = field(default_factory=OncallConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -484,6 +496,7 @@ _SECTIONS = {
     "urgency",
     "upset",
     "oncall",
+    "metrics",
 }
 
 
@@ -524,6 +537,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         if not phrase.split():
             raise ConfigError(f"upset.phrases[{i}]: must not be empty")
     oncall = _build(OncallConfig, _table(data, "oncall"), "oncall")
+    metrics = _build(MetricsConfig, _table(data, "metrics"), "metrics")
+    if metrics.listen:
+        parse_listen(metrics.listen, "metrics.listen")
+    if metrics.stuck_after < 1:
+        raise ConfigError(f"metrics.stuck_after: must be at least 1, got {metrics.stuck_after}")
     oncall = dataclasses.replace(
         oncall,
         ack_within=_check_duration(oncall.ack_within, "oncall.ack_within"),
@@ -549,9 +567,30 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         units=units,
         upset=upset,
         oncall=oncall,
+        metrics=metrics,
     )
     _validate(config)
     return config
+
+
+def parse_listen(value: str, key: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" to (host, port); a ConfigError naming `key` otherwise."""
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            host = ""
+    elif ":" in host:
+        host = ""  # an IPv6 address must be bracketed, or the port is ambiguous
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 <= port <= 65535 or any(c.isspace() for c in host):
+        raise ConfigError(
+            f'{key}: must be "host:port" (IPv6 as "[::1]:9464"), port 0 to 65535, got {value!r}'
+        )
+    return host, port
 
 
 def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -668,6 +707,11 @@ def _validate(config: Config) -> None:
         value = getattr(smtp, key)
         if value and not config.resolve(value).is_file():
             raise ConfigError(f"smtp.{key}: no such file: {config.resolve(value)}")
+    if config.log.syslog_prefix not in ("auto", "always", "never"):
+        raise ConfigError(
+            'log.syslog_prefix: must be "auto", "always" or "never", '
+            f"got {config.log.syslog_prefix!r}"
+        )
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f'log.level: must be "debug", "info", "warning" or "error", got {config.log.level!r}'

@@ -278,7 +278,15 @@ class Pipeline:
             event("message.tempfail", logging.WARNING, **fields)
             return IntakeResult(IntakeStatus.AUTH_TEMPFAIL, queue_id, decision.reason)
         if decision.disposition is Disposition.QUARANTINE:
-            event("message.quarantined", id=outcome.row_id, quarantine=outcome.quarantine, **fields)
+            # A flood (reason loop) is a warning: `journalctl -p warning` must show it.
+            level = logging.WARNING if decision.reason == "loop" else logging.INFO
+            event(
+                "message.quarantined",
+                level,
+                id=outcome.row_id,
+                quarantine=outcome.quarantine,
+                **fields,
+            )
             return IntakeResult(IntakeStatus.ACCEPTED, queue_id, decision.reason)
         filing = outcome.filing
         assert filing is not None
