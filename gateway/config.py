@@ -231,6 +231,8 @@ class MetricsConfig:
     listen: str = ""
     # gateway status exits 1 when the oldest queued outbox row is older than this (s).
     stuck_after: int = 3600
+    # How often (s) the daemon rewrites its status file and sends STATUS= to systemd.
+    status_interval: int = 15
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,11 @@ class Config:
         return self.resolve(self.templates.directory)
 
     @property
+    def status_path(self) -> Path:
+        """The daemon's status file (pid, start, last commit), beside the database."""
+        return self.database_path.with_name(self.database_path.name + ".status.json")
+
+    @property
     def outbox_path(self) -> Path:
         return self.resolve(self.delivery.directory)
 
@@ -540,8 +547,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     metrics = _build(MetricsConfig, _table(data, "metrics"), "metrics")
     if metrics.listen:
         parse_listen(metrics.listen, "metrics.listen")
-    if metrics.stuck_after < 1:
-        raise ConfigError(f"metrics.stuck_after: must be at least 1, got {metrics.stuck_after}")
+    for key in ("stuck_after", "status_interval"):
+        if getattr(metrics, key) < 1:
+            raise ConfigError(f"metrics.{key}: must be at least 1, got {getattr(metrics, key)}")
     oncall = dataclasses.replace(
         oncall,
         ack_within=_check_duration(oncall.ack_within, "oncall.ack_within"),
