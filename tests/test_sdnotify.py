@@ -251,6 +251,7 @@ def test_log_lines_carry_syslog_priority_only_on_the_journal(tmp_path: Path) -> 
     from gateway import logs
 
     path = tmp_path / "out.log"
+    saved = (list(logs.log.handlers), logs.log.level, logs.log.propagate)
     with path.open("w") as stream:
         st = os.fstat(stream.fileno())
         journal = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
@@ -268,7 +269,10 @@ def test_log_lines_carry_syslog_priority_only_on_the_journal(tmp_path: Path) -> 
             logs.configure("info", stream, syslog_prefix="never")
             logs.event("t.plain")
         finally:
-            logs.configure("info")
+            # Leave the logger as pytest's caplog expects it for the tests that follow.
+            logs.log.handlers[:] = saved[0]
+            logs.log.setLevel(saved[1])
+            logs.log.propagate = saved[2]
     assert path.read_text().splitlines() == [
         "<7>level=debug event=t.debug",
         "<6>level=info event=t.info",
