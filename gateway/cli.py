@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_outbox_commands(commands)
     add_scheduler_commands(commands)
     add_oncall_ack_command(add_oncall_commands(commands))
+    add_status_command(commands)
     return parser
 
 
@@ -214,7 +215,7 @@ def open_db(config: Config) -> sqlite3.Connection:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from . import app, logs  # the daemon's imports are not needed by the admin commands
 
-    logs.configure(config.log.level)
+    logs.configure(config.log.level, syslog_prefix=config.log.syslog_prefix)
     return app.serve(config)
 
 
@@ -1578,6 +1579,96 @@ def cmd_oncall_ack(config: Config, args: argparse.Namespace) -> int:
     else:
         print(f"#{args.number}: acknowledged (steps {', '.join(map(str, steps))})")
     return 0
+
+
+# --- status (issue 13) ---------------------------------------------------------------------
+
+
+def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status",
+        help="is the daemon up, and the desk's health; exit 1 when down or the outbox is stuck",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+
+def _daemon_state(config: Config, now: datetime) -> dict[str, Any]:
+    """The daemon's status file (see app._write_status): up when the file names a live
+    process and was refreshed within three status intervals (a hung daemon stops
+    refreshing it)."""
+    path = config.status_path
+    try:
+        data = json.loads(path.read_text())
+        pid = int(data["pid"])
+        updated = datetime.fromisoformat(data["updated_at"])
+    except FileNotFoundError:
+        return {"running": False, "why": f"no status file {path} (not running)"}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {"running": False, "why": f"{path}: unreadable status file: {exc}"}
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return {"running": False, "why": f"process {pid} is gone", "pid": pid}
+    except PermissionError:
+        pass  # alive, under another user (the service account)
+    age = (now - updated).total_seconds()
+    if age > 3 * config.metrics.status_interval:
+        return {"running": False, "why": f"status not refreshed for {age:.0f} s", "pid": pid}
+    return {
+        "running": True,
+        "pid": pid,
+        "started_at": data.get("started_at"),
+        "updated_at": data.get("updated_at"),
+        "listen": data.get("listen"),
+    }
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from .metrics import health, open_read_only  # the daemon's imports
+
+    now = _clock(args).now()
+    path = config.database_path
+    if not path.exists():
+        raise CliError(f"{path}: no database (never created; is storage.database right?)")
+    daemon = _daemon_state(config, now)
+    conn = open_read_only(path)
+    try:
+        found = health(conn, now)
+    finally:
+        conn.close()
+    age = found["outbox_oldest_age_seconds"]
+    stuck = age is not None and age > config.metrics.stuck_after
+    problems = [] if daemon["running"] else [f"daemon down: {daemon['why']}"]
+    if stuck:
+        problems.append(
+            f"outbox stuck: oldest queued mail waits {age:.0f} s "
+            f"(> metrics.stuck_after {config.metrics.stuck_after} s)"
+        )
+    if args.json:
+        _print_json(
+            {"daemon": daemon, **found, "outbox_stuck": stuck, "ok": not problems, "now": iso(now)}
+        )
+        return 1 if problems else 0
+    overdue = ", ".join(f"{u} {n}" for u, n in found["overdue_by_unit"].items()) or "none"
+    up = f"up since {daemon['started_at']} (pid {daemon['pid']})" if daemon["running"] else "DOWN"
+    lines = [
+        ("daemon", up),
+        ("messages today", str(found["messages_today"])),
+        ("quarantine", f"{found['quarantine_held']} held"),
+        (
+            "outbox",
+            f"{found['outbox_waiting']} waiting, {found['outbox_failed']} failed, oldest "
+            f"{found['outbox_oldest_queued_at'] or '-'}",
+        ),
+        ("overdue tickets", overdue),
+        ("last commit", found["last_message_at"] or "-"),
+    ]
+    for label, value in lines:
+        print(f"{label + ':':17} {value}")
+    for problem in problems:
+        print(f"gateway: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -248,6 +248,19 @@ class TemplatesConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    # "auto": each line starts with its syslog priority <N> when stdout is the journal
+    # ($JOURNAL_STREAM, sd-daemon(3)); "always" / "never" decide regardless.
+    syslog_prefix: str = "auto"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # "host:port" ("[::1]:9464" for IPv6) of the Prometheus endpoint; "" = off.
+    listen: str = ""
+    # gateway status exits 1 when the oldest queued outbox row is older than this (s).
+    stuck_after: int = 3600
+    # How often (s) the daemon rewrites its status file and sends STATUS= to systemd.
+    status_interval: int = 15
 
 
 @dataclass(frozen=True)
@@ -404,6 +417,7 @@ class Config:
     urgency: UrgencyConfig = field(default_factory=UrgencyConfig)
     upset: UpsetConfig = field(default_factory=UpsetConfig)
     oncall: OncallConfig = field(default_factory=OncallConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Every unit the desk knows: the [[unit]] tables in their order, then one with the
     # defaults for each mailbox unit that has no table.
     units: tuple[UnitConfig, ...] = ()
@@ -445,6 +459,11 @@ class Config:
         if not self.templates.directory:
             return BUILTIN_TEMPLATES
         return self.resolve(self.templates.directory)
+
+    @property
+    def status_path(self) -> Path:
+        """The daemon's status file (pid, start, last commit), beside the database."""
+        return self.database_path.with_name(self.database_path.name + ".status.json")
 
     @property
     def outbox_path(self) -> Path:
@@ -522,6 +541,7 @@ _SECTIONS = {
     "urgency",
     "upset",
     "oncall",
+    "metrics",
 }
 
 
@@ -589,6 +609,12 @@ def parse_config(
         if not phrase.split():
             raise ConfigError(f"upset.phrases[{i}]: must not be empty")
     oncall = _build(OncallConfig, _table(data, "oncall"), "oncall")
+    metrics = _build(MetricsConfig, _table(data, "metrics"), "metrics")
+    if metrics.listen:
+        parse_listen(metrics.listen, "metrics.listen")
+    for key in ("stuck_after", "status_interval"):
+        if getattr(metrics, key) < 1:
+            raise ConfigError(f"metrics.{key}: must be at least 1, got {getattr(metrics, key)}")
     oncall = dataclasses.replace(
         oncall,
         ack_within=_check_duration(oncall.ack_within, "oncall.ack_within"),
@@ -614,9 +640,30 @@ def parse_config(
         units=units,
         upset=upset,
         oncall=oncall,
+        metrics=metrics,
     )
     _validate(config)
     return config
+
+
+def parse_listen(value: str, key: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" to (host, port); a ConfigError naming `key` otherwise."""
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            host = ""
+    elif ":" in host:
+        host = ""  # an IPv6 address must be bracketed, or the port is ambiguous
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 <= port <= 65535 or any(c.isspace() for c in host):
+        raise ConfigError(
+            f'{key}: must be "host:port" (IPv6 as "[::1]:9464"), port 0 to 65535, got {value!r}'
+        )
+    return host, port
 
 
 def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -733,6 +780,11 @@ def _validate(config: Config) -> None:
         value = getattr(smtp, key)
         if value and not config.resolve(value).is_file():
             raise ConfigError(f"smtp.{key}: no such file: {config.resolve(value)}")
+    if config.log.syslog_prefix not in ("auto", "always", "never"):
+        raise ConfigError(
+            'log.syslog_prefix: must be "auto", "always" or "never", '
+            f"got {config.log.syslog_prefix!r}"
+        )
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f'log.level: must be "debug", "info", "warning" or "error", got {config.log.level!r}'

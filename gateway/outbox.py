@@ -37,7 +37,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from . import __version__, store
+from . import __version__, metrics, store
 from .clock import Clock, iso
 from .config import Config
 from .logs import event
@@ -537,6 +537,7 @@ class OutboxWorker:
         if failure is None:
             unit = partial(store.mark_outbox_sent, row_id=mail.id, attempts=attempts, now=iso(now))
             event("outbox.sent", **fields)
+            metrics.DELIVERIES.labels("sent").inc()
         else:
             retry_at = None
             if not failure.permanent:
@@ -562,12 +563,14 @@ class OutboxWorker:
                     error=failure.error,
                     next_attempt_at=iso(retry_at),
                 )
+                metrics.DELIVERIES.labels("retry").inc()
             else:
                 error = failure.error
                 if not failure.permanent:
                     error = one_line(f"gave up after {attempts} attempts: {error}")
                 unit = partial(self._fail, mail, attempts, error, iso(now))
                 event("outbox.failed", logging.ERROR, **fields, error=error)
+                metrics.DELIVERIES.labels("failed").inc()
         try:
             await self.writer.write(unit)
         except store.StoreError as exc:

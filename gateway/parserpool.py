@@ -36,6 +36,7 @@ from .inbound import (
     parse_message,
     salvage_message,
 )
+from .metrics import PARSER_RESTARTS
 
 
 def parse_limits(config: Config) -> ParseLimits:
@@ -443,4 +444,5 @@ class ParserPool:
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
         if replace and not self._closed:
+            PARSER_RESTARTS.inc()
             self._idle.put_nowait(self._spawn())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 
-from . import authn, store
+from . import authn, metrics, store
 from .actions.intake import (
     Outcome,
     classify_message,
@@ -114,7 +114,8 @@ class Pipeline:
     async def receive(self, envelope: Envelope, raw: bytes) -> IntakeResult:
         queue_id = new_queue_id()
         try:
-            return await self._receive(queue_id, envelope, raw)
+            with metrics.INTAKE_SECONDS.time():
+                return await self._receive(queue_id, envelope, raw)
         except asyncio.CancelledError:
             event("message.cancelled", logging.WARNING, queue_id=queue_id)
             raise
@@ -261,6 +262,7 @@ class Pipeline:
         self, queue_id: str, parsed: InboundMessage, verdict: Classification, outcome: Outcome
     ) -> IntakeResult:
         decision = outcome.verdict
+        metrics.MESSAGES.labels(decision.disposition.value, decision.reason).inc()
         fields: dict[str, object] = {
             "queue_id": queue_id,
             "message_id": parsed.message_id,
@@ -278,7 +280,15 @@ class Pipeline:
             event("message.tempfail", logging.WARNING, **fields)
             return IntakeResult(IntakeStatus.AUTH_TEMPFAIL, queue_id, decision.reason)
         if decision.disposition is Disposition.QUARANTINE:
-            event("message.quarantined", id=outcome.row_id, quarantine=outcome.quarantine, **fields)
+            # A flood (reason loop) is a warning: `journalctl -p warning` must show it.
+            level = logging.WARNING if decision.reason == "loop" else logging.INFO
+            event(
+                "message.quarantined",
+                level,
+                id=outcome.row_id,
+                quarantine=outcome.quarantine,
+                **fields,
+            )
             return IntakeResult(IntakeStatus.ACCEPTED, queue_id, decision.reason)
         filing = outcome.filing
         assert filing is not None

@@ -36,13 +36,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time as time_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
 from typing import Any, TypedDict
 
-from . import store
+from . import metrics, store
 from .actions import mail, paging, quarantine
 from .clock import Clock, iso
 from .config import Config, UnitConfig
@@ -507,11 +508,14 @@ async def run_scheduler(
     clock: Clock,
     interval: float = INTERVAL_SECONDS,
 ) -> None:
+    due = time_module.monotonic()
     while True:
+        metrics.SCHEDULER_LAG.set(max(0.0, time_module.monotonic() - due))
         try:
             await run_jobs(config, writer, clock)
         except asyncio.CancelledError:
             raise
         except Exception:
             logging.getLogger("gateway").exception("event=scheduler.failed")
+        due = time_module.monotonic() + interval
         await asyncio.sleep(interval)

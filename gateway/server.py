@@ -32,6 +32,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
+from . import metrics
 from .address import is_our_domain, match_mailbox
 from .config import Config
 from .logs import event
@@ -457,10 +458,12 @@ class _GatewayProtocol(SMTP):
         if over is not None and self._keep_reply:
             # The answer to a message's final dot is never replaced: a 250 must reach the
             # client, or it sends the message again. The 421 follows it.
+            metrics.SMTP_REPLIES.labels(text[:3]).inc()
             await super().push(text)
             text = over
         elif over is not None:
             text = over
+        metrics.SMTP_REPLIES.labels(text[:3]).inc()
         await super().push(text)
         # RFC 5321 section 3.8: a 421 reply means the server is closing the channel.
         if text.startswith("421") and self.transport is not None:

@@ -242,3 +242,42 @@ async def test_a_stalled_event_loop_stops_the_watchdog_pings(
     assert index >= before - 2, (index, before, gaps)
     assert max(gaps[:index]) < STALL_SECONDS / 2, gaps
     assert len(gaps) - index > 3, gaps  # pings resumed
+
+
+# --- journald priorities (issue 13) ---------------------------------------------------------
+
+
+def test_log_lines_carry_syslog_priority_only_on_the_journal(tmp_path: Path) -> None:
+    from gateway import logs
+
+    path = tmp_path / "out.log"
+    saved = (list(logs.log.handlers), logs.log.level, logs.log.propagate)
+    with path.open("w") as stream:
+        st = os.fstat(stream.fileno())
+        journal = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert logs.on_journal(stream, journal)
+        assert not logs.on_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not logs.on_journal(stream, {"JOURNAL_STREAM": "garbage"})
+        assert not logs.on_journal(stream, {})
+        logs.configure("debug", stream, syslog_prefix="always")
+        try:
+            logs.event("t.debug", logging.DEBUG)
+            logs.event("t.info")
+            logs.event("outbox.retry", logging.WARNING)
+            logs.event("outbox.failed", logging.ERROR)
+            logs.event("gateway.database_failed", logging.CRITICAL)
+            logs.configure("info", stream, syslog_prefix="never")
+            logs.event("t.plain")
+        finally:
+            # Leave the logger as pytest's caplog expects it for the tests that follow.
+            logs.log.handlers[:] = saved[0]
+            logs.log.setLevel(saved[1])
+            logs.log.propagate = saved[2]
+    assert path.read_text().splitlines() == [
+        "<7>level=debug event=t.debug",
+        "<6>level=info event=t.info",
+        "<4>level=warning event=outbox.retry",
+        "<3>level=error event=outbox.failed",
+        "<2>level=critical event=gateway.database_failed",
+        "level=info event=t.plain",
+    ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..metrics import STORE_BATCH_SIZE
 from .connection import connect
 from .errors import (
     SQLITE_CORRUPT,
@@ -153,6 +154,7 @@ class Writer:
                     stopping = True
             self.batches += 1
             self.units += len(batch)
+            STORE_BATCH_SIZE.observe(len(batch))
             if self.failed is not None and not self._failure_reported:
                 self._failure_reported = True
                 if self.on_failure is not None:
