@@ -1317,10 +1317,6 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --- backup and restore (issue 13) ---
 
 
@@ -1351,3 +1347,7 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
         print(f"the database that was there is kept as {restored.moved_aside}")
     print(f"restored {config.database_path} from {args.path}: {restored.summary()}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
