@@ -262,6 +262,9 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
     with closing(open_db(config)) as conn:
         raw = store.read_raw(conn, args.id)
         rows = [r for r in store.list_messages(conn) if r["id"] == args.id] if raw else []
+        purged = store_messages.purged_at(conn, args.id) if raw is None else None
+    if when := purged:
+        raise CliError(f"message {args.id} was purged on {when[:10]} (retention)")
     if raw is None or not rows:
         raise CliError(f"no message with id {args.id}")
     if args.raw:

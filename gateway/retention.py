@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import partial
 from typing import Any, TypedDict, TypeVar
 
@@ -32,14 +32,15 @@ class MessagesPurged(TypedDict):
 
 
 def purge_batch(
-    conn: sqlite3.Connection, *, days: int, now: datetime, limit: int
+    conn: sqlite3.Connection, *, days: int, now: datetime, limit: int, sweep: bool = True
 ) -> store_messages.Purged:
-    """One batch: up to `limit` old messages (when `days` > 0) and orphan blobs."""
+    """One batch: up to `limit` old messages (when `days` > 0), the blobs they leave
+    without a reference, and with `sweep` up to `limit` other orphan blobs."""
     stamp = iso(now)
     before = iso(now - timedelta(days=days))
     ids = store_messages.purgeable_messages(conn, before=before, limit=limit) if days > 0 else []
     purged = store_messages.purge_messages(conn, ids, now=stamp)
-    blobs = store_messages.purge_orphan_blobs(conn, limit=limit)
+    blobs = purged.blobs + (store_messages.purge_orphan_blobs(conn, limit=limit) if sweep else 0)
     if purged.messages or blobs:
         detail: MessagesPurged = {
             "after_days": days,
@@ -67,9 +68,19 @@ async def run_retention(
     """Batches until one comes back short; `write` is the daemon's `Writer.write`."""
     limit = config.storage.retain_batch
     total = store_messages.Purged()
+    # The whole-table sweep for orphan blobs reads every blob: at start and once a day,
+    # not every minute (the blobs a purge orphans go with it, by an indexed look-up).
+    key = str(config.database_path)
+    sweep = _swept.get(key) != now.date()
     while True:
         batch: store_messages.Purged = await write(
-            partial(purge_batch, days=config.storage.retain_messages_days, now=now, limit=limit)
+            partial(
+                purge_batch,
+                days=config.storage.retain_messages_days,
+                now=now,
+                limit=limit,
+                sweep=sweep,
+            )
         )
         total = store_messages.Purged(
             total.messages + batch.messages,
@@ -77,7 +88,13 @@ async def run_retention(
             total.blobs + batch.blobs,
         )
         if batch.messages < limit and batch.blobs < limit:
+            if sweep:
+                _swept[key] = now.date()
             return total
+
+
+# Per database: the day of the daemon's last whole-table orphan sweep.
+_swept: dict[str, date] = {}
 
 
 def purge_all(config: Config, conn: sqlite3.Connection, now: datetime) -> store_messages.Purged:

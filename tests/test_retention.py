@@ -81,6 +81,8 @@ async def test_old_mail_is_purged_in_batches_and_its_rows_and_events_stay(
     shown = run_cli(config, "tickets", "show", str(found["old 0"]["ticket"]))
     assert shown.returncode == 0, shown.stderr
     assert "purged on 2026-12-03" in shown.stdout
+    raw = run_cli(config, "messages", "show", str(found["old 0"]["id"]), "--raw")
+    assert raw.returncode == 1 and "purged on 2026-12-03" in raw.stderr
 
     # Later the recent one goes too, and with it the last reference to the blob.
     clock.set(T0 + timedelta(days=60))
@@ -135,12 +137,18 @@ def test_retention_days_must_not_be_negative(make_config: Callable[..., Config])
         make_config(extra_storage="retain_batch = 0")
 
 
-def test_purge_all_from_a_cli_connection_is_idempotent(config: Config) -> None:
+def test_the_sweep_removes_a_blob_no_attachment_refers_to(config: Config) -> None:
     from contextlib import closing
 
     from gateway import store
 
     with closing(store.connect(config.database_path)) as conn:
+        with store.write_transaction(conn):
+            conn.execute("INSERT INTO blobs (sha256, size, data) VALUES ('ab', 2, X'0102')")
         first = retention.purge_all(config, conn, T0)
-        assert (first.messages, first.blobs) == (0, 0)
-        assert not list(conn.execute("SELECT 1 FROM events WHERE action = 'messages.purged'"))
+        assert (first.messages, first.blobs) == (0, 1)
+        assert not list(conn.execute("SELECT 1 FROM blobs"))
+        again = retention.purge_all(config, conn, T0)
+        assert (again.messages, again.blobs) == (0, 0)
+        events = list(conn.execute("SELECT detail FROM events WHERE action = 'messages.purged'"))
+        assert [json.loads(e["detail"])["blobs"] for e in events] == [1]

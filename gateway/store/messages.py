@@ -395,9 +395,14 @@ def purgeable_messages(conn: sqlite3.Connection, *, before: str, limit: int) -> 
 def purge_messages(conn: sqlite3.Connection, ids: list[int], *, now: str) -> Purged:
     """Remove the content of these messages (see above); a unit inside a transaction."""
     attachments = 0
+    shas: set[str] = set()
     for message in ids:
         conn.execute("DELETE FROM message_raw WHERE message = ?", (message,))
         conn.execute("DELETE FROM mail_specs WHERE message = ?", (message,))
+        shas.update(
+            str(row["sha256"])
+            for row in conn.execute("SELECT sha256 FROM attachments WHERE message = ?", (message,))
+        )
         attachments += conn.execute(
             "DELETE FROM attachments WHERE message = ?", (message,)
         ).rowcount
@@ -405,7 +410,18 @@ def purge_messages(conn: sqlite3.Connection, ids: list[int], *, now: str) -> Pur
             "UPDATE messages SET text = NULL, purged_at = ? WHERE id = ? AND purged_at IS NULL",
             (now, message),
         )
-    return Purged(messages=len(ids), attachments=attachments)
+    # The blobs this purge left without a reference go now (one indexed look-up each);
+    # `purge_orphan_blobs` sweeps the whole table for any other.
+    blobs = 0
+    for sha in sorted(shas):
+        blobs += conn.execute(
+            """
+            DELETE FROM blobs WHERE sha256 = ?
+              AND NOT EXISTS (SELECT 1 FROM attachments WHERE sha256 = ?)
+            """,
+            (sha, sha),
+        ).rowcount
+    return Purged(messages=len(ids), attachments=attachments, blobs=blobs)
 
 
 def purge_orphan_blobs(conn: sqlite3.Connection, *, limit: int) -> int:
