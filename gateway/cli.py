@@ -15,8 +15,9 @@ import os
 import pwd
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .config import (
 from .model import MessageKind
 from .notify import Planner
 from .render import TemplateError, Templates
+from .store import messages as store_messages
 from .store import oncall as store_oncall
 from .tickets import Status
 
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
     parser = build_parser()
     args = parser.parse_args(argv)
     args.clock = clock or Clock()
+    _operator.set(args.operator)
     try:
         config = load_config(config_path(args.config))
         handler: Callable[[Config, argparse.Namespace], int] = args.handler
@@ -83,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="PATH",
         help="configuration file (default: $GATEWAY_CONFIG, else ./config.toml)",
+    )
+    parser.add_argument(
+        "--as",
+        dest="operator",
+        metavar="ADDRESS",
+        help="who runs this command, for the audit trail (default: $GATEWAY_OPERATOR, "
+        "else $SUDO_USER, else the login name)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -180,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_commands(commands)
     add_oncall_ack_command(add_oncall_commands(commands))
     add_status_command(commands)
+    add_backup_commands(commands)
     return parser
 
 
@@ -287,6 +298,9 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
     with closing(open_db(config)) as conn:
         raw = store.read_raw(conn, args.id)
         rows = [r for r in store.list_messages(conn) if r["id"] == args.id] if raw else []
+        purged = store_messages.purged_at(conn, args.id) if raw is None else None
+    if when := purged:
+        raise CliError(f"message {args.id} was purged on {when[:10]} (retention)")
     if raw is None or not rows:
         raise CliError(f"no message with id {args.id}")
     if args.raw:
@@ -592,11 +606,15 @@ def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
         print(f"URGENT: {', '.join(ticket['urgency_reasons']) or '-'}")
     if ticket["follows"]:
         print(f"follows up #{ticket['follows']}")
+    with closing(open_db(config)) as conn:
+        purged = {m["id"]: store_messages.purged_at(conn, m["id"]) for m in ticket["messages"]}
     for message in ticket["messages"]:
         print()
         arrow = "<-" if message["direction"] == "in" else "->"
         sender = printable(message["from"] or "")
         print(f"{arrow} [{message['kind']}] {sender}  {printable(message['date'] or '')}")
+        if when := purged[message["id"]]:
+            print(f"   (purged on {when[:10]})")
         for line in message["text"].splitlines() or [""]:
             print(f"   {printable(line)}")
         for attachment in message["attachments"]:
@@ -636,12 +654,36 @@ def add_quarantine_commands(commands: Any) -> None:
     qblock.set_defaults(handler=cmd_quarantine_discard, block=True)
 
 
-def cli_actor() -> str:
-    """Who runs this command, for the audit trail: cli:<OS user>."""
+# The person `--as` named for this command (set by main; None: not given).
+_operator: ContextVar[str | None] = ContextVar("gateway_operator", default=None)
+
+
+def operator_name(flag: str | None, environ: Mapping[str, str]) -> str:
+    """Who runs a command (issue 13): `--as ADDRESS`, else $GATEWAY_OPERATOR, else
+    $SUDO_USER (the person behind `sudo -u gateway`, not the service account), else the
+    login name. The first one given and not blank wins; one with a control character or
+    white space is refused, so the audit trail cannot be forged with a line break."""
+    sources = (
+        ("--as", flag),
+        ("$GATEWAY_OPERATOR", environ.get("GATEWAY_OPERATOR")),
+        ("$SUDO_USER", environ.get("SUDO_USER")),
+    )
+    for source, value in sources:
+        if value is None or not value.strip():
+            continue
+        value = value.strip()
+        if any(c.isspace() or not c.isprintable() for c in value) or len(value) > 254:
+            raise CliError(f"{source}: not a usable name for the audit trail: {value!r}")
+        return value
     try:
-        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+        return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
-        return f"cli:uid:{os.getuid()}"
+        return f"uid:{os.getuid()}"
+
+
+def cli_actor() -> str:
+    """Who runs this command, for the audit trail: cli:<person> (see operator_name)."""
+    return f"cli:{operator_name(_operator.get(), os.environ)}"
 
 
 def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
@@ -673,6 +715,11 @@ def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
         row = store.held_message(conn, args.id)
     if row is None:
         raise CliError(f"no quarantine entry {args.id}")
+    if row["raw"] is None:  # expired or past retention: the row and reasons stay
+        print(f"quarantine {row['quarantine_id']} ({row['status']}), held {row['held_at'][:19]}")
+        print(f"reasons:   {', '.join(json.loads(row['held_reasons']))}")
+        print(f"purged on {(row['purged_at'] or '')[:10]}")
+        return 0
     parsed = quarantine_actions.parse_held(config, bytes(row["raw"]))
     print(f"quarantine {row['quarantine_id']} ({row['status']}), held {row['held_at'][:19]}")
     print(f"reasons:   {', '.join(json.loads(row['held_reasons']))}")
@@ -1669,6 +1716,38 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"gateway: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+# --- backup and restore (issue 13) ---
+
+
+def add_backup_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bk = commands.add_parser(
+        "backup", help="copy the live database (the daemon may run) into a new folder"
+    )
+    bk.add_argument("path", metavar="PATH", help="a folder that does not exist or is empty")
+    bk.set_defaults(handler=cmd_backup)
+    rs = commands.add_parser("restore", help="put a backup back (the daemon must be stopped)")
+    rs.add_argument("path", metavar="PATH", help="a folder written by `gateway backup`")
+    rs.set_defaults(handler=cmd_restore)
+
+
+def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    from . import backup
+
+    made = backup.backup(config, Path(args.path), now=_clock(args).stamp())
+    print(f"backup of {config.database_path} written to {args.path}: {made.summary()}")
+    return 0
+
+
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    from . import backup
+
+    restored = backup.restore(config, Path(args.path), actor=cli_actor(), now=_clock(args).stamp())
+    if restored.moved_aside is not None:
+        print(f"the database that was there is kept as {restored.moved_aside}")
+    print(f"restored {config.database_path} from {args.path}: {restored.summary()}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -119,6 +119,11 @@ class StorageConfig:
     # Refuse new mail (452 4.3.1 at MAIL FROM) when the database's file system has less
     # free space than this. 0 means 1.5 x max_message_size x data_slots (Postfix's rule).
     min_free_space: int = 0
+    # Retention (issue 13): the content (raw bytes, text, attachments) of messages older
+    # than this many days is purged, their rows and events kept; 0 keeps everything.
+    retain_messages_days: int = 0
+    # Messages purged per write transaction, so a purge never holds intake up for long.
+    retain_batch: int = 200
 
 
 @dataclass(frozen=True)
@@ -753,6 +758,7 @@ def _validate(config: Config) -> None:
         "smtp.max_errors_per_session": smtp.max_errors_per_session,
         "smtp.max_commands_per_session": smtp.max_commands_per_session,
         "storage.busy_timeout_ms": config.storage.busy_timeout_ms,
+        "storage.retain_batch": config.storage.retain_batch,
         "parser.workers": config.parser.workers,
         "parser.cpu_seconds": config.parser.cpu_seconds,
         "parser.memory_bytes": config.parser.memory_bytes,
@@ -771,6 +777,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("parser.wall_seconds: must be more than 0")
     if config.storage.min_free_space < 0:
         raise ConfigError("storage.min_free_space: must be 0 (automatic) or more")
+    if config.storage.retain_messages_days < 0:
+        raise ConfigError("storage.retain_messages_days: must be 0 (keep) or more")
     _validate_timeout_model(smtp)
     if smtp.max_connections_per_ip > smtp.max_connections:
         raise ConfigError("smtp.max_connections_per_ip: must not exceed smtp.max_connections")

@@ -43,7 +43,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
 from typing import Any, TypedDict
 
-from . import metrics, store
+from . import metrics, retention, store
 from .actions import mail, paging, quarantine
 from .clock import Clock, iso
 from .config import Config, UnitConfig
@@ -499,6 +499,10 @@ async def run_jobs(config: Config, writer: Writer, clock: Clock) -> None:
     )
     if expired:
         event("quarantine.expired", count=len(expired), ids=",".join(map(str, expired)))
+    # Issue 13: old mail's content and orphan attachment blobs, in bounded batches.
+    purged = await retention.run_retention(config, writer.write, now)
+    if purged.messages or purged.blobs:
+        event("messages.purged", messages=purged.messages, blobs=purged.blobs)
     await run_commitments(config, writer, now)
 
 

@@ -18,10 +18,14 @@ class EventAction(StrEnum):
     COMMITMENT_SET = "commitment.set"
     # The scheduler's (issue 11): a promise reminded of, missed (and escalated), a unit's
     # digest of the day sent.
+    # Issue 13: `gateway restore` put a backup in place of the database (who, from where).
+    DATABASE_RESTORED = "database.restored"
     DIGEST_SENT = "digest.sent"
     MAIL_QUEUED = "mail.queued"
     MAIL_WITHHELD = "mail.withheld"
     MESSAGE_FLAGGED = "message.flagged"
+    # Issue 13: one event per retention pass that purged something (counts, the cut-off).
+    MESSAGES_PURGED = "messages.purged"
     # Issue 12: the on-call rota (a shift added, removed, a calendar imported) and pages:
     # a page sent, acknowledged (by reply, #take or `oncall ack`), escalated to the next step.
     ONCALL_ACKNOWLEDGED = "oncall.acknowledged"

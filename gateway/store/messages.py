@@ -350,3 +350,101 @@ def list_messages(conn: sqlite3.Connection, limit: int | None = None) -> list[di
         }
         for row in conn.execute(sql, params)
     ]
+
+
+# --- retention (issue 13) -----------------------------------------------------------------
+#
+# Purging a message removes what it said (raw bytes, readable text, the spec of a planned
+# mail, its attachments' rows) and keeps what the audit needs: the messages row (who sent
+# it, when, to whom, its subject, size and sha256, how it was filed) with purged_at set, and
+# every event about it. Attachment bytes are content-addressed blobs shared between
+# messages, so a blob goes only when no attachment row refers to it any more.
+
+
+@dataclass(frozen=True)
+class Purged:
+    messages: int = 0
+    attachments: int = 0
+    blobs: int = 0
+
+
+def purgeable_messages(conn: sqlite3.Connection, *, before: str, limit: int) -> list[int]:
+    """Up to `limit` messages received before `before` and not purged yet, oldest first.
+
+    Never one still needed: mail held in the quarantine (an admin may release it; its own
+    expiry purges it) or outgoing mail the outbox has not finished with (its bytes are
+    what is being sent).
+    """
+    return [
+        int(row["id"])
+        for row in conn.execute(
+            """
+            SELECT m.id FROM messages m INDEXED BY messages_unpurged
+            WHERE m.received_at < ? AND m.purged_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM quarantine q
+                              WHERE q.message = m.id AND q.status = 'held')
+              AND NOT EXISTS (SELECT 1 FROM outbox o
+                              WHERE o.message = m.id AND o.status = 'queued')
+            ORDER BY m.received_at LIMIT ?
+            """,
+            (before, limit),
+        )
+    ]
+
+
+def purge_messages(conn: sqlite3.Connection, ids: list[int], *, now: str) -> Purged:
+    """Remove the content of these messages (see above); a unit inside a transaction."""
+    attachments = 0
+    shas: set[str] = set()
+    for message in ids:
+        conn.execute("DELETE FROM message_raw WHERE message = ?", (message,))
+        conn.execute("DELETE FROM mail_specs WHERE message = ?", (message,))
+        shas.update(
+            str(row["sha256"])
+            for row in conn.execute("SELECT sha256 FROM attachments WHERE message = ?", (message,))
+        )
+        attachments += conn.execute(
+            "DELETE FROM attachments WHERE message = ?", (message,)
+        ).rowcount
+        conn.execute(
+            "UPDATE messages SET text = NULL, purged_at = ? WHERE id = ? AND purged_at IS NULL",
+            (now, message),
+        )
+    # The blobs this purge left without a reference go now (one indexed look-up each);
+    # `purge_orphan_blobs` sweeps the whole table for any other.
+    blobs = 0
+    for sha in sorted(shas):
+        blobs += conn.execute(
+            """
+            DELETE FROM blobs WHERE sha256 = ?
+              AND NOT EXISTS (SELECT 1 FROM attachments WHERE sha256 = ?)
+            """,
+            (sha, sha),
+        ).rowcount
+    return Purged(messages=len(ids), attachments=attachments, blobs=blobs)
+
+
+def purge_orphan_blobs(conn: sqlite3.Connection, *, limit: int) -> int:
+    """Delete up to `limit` attachment blobs no attachment row refers to.
+
+    No age margin is needed here, unlike for files on a disk: a blob and the attachment
+    row that refers to it are written in one transaction (`insert_message`), and this runs
+    in a write transaction too, so SQLite's one writer at a time means no transaction can
+    be between writing a blob (or finding it already there) and referring to it.
+    """
+    return conn.execute(
+        """
+        DELETE FROM blobs WHERE rowid IN (
+            SELECT b.rowid FROM blobs b
+            WHERE NOT EXISTS (SELECT 1 FROM attachments a WHERE a.sha256 = b.sha256)
+            LIMIT ?
+        )
+        """,
+        (limit,),
+    ).rowcount
+
+
+def purged_at(conn: sqlite3.Connection, message: int) -> str | None:
+    """When this message's content was purged (None: it was not, or no such message)."""
+    row = conn.execute("SELECT purged_at FROM messages WHERE id = ?", (message,)).fetchone()
+    return None if row is None else row["purged_at"]

@@ -280,6 +280,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX pages_waiting ON pages (ack_due) WHERE acknowledged_at IS NULL;
     """,
+    # 11: retention (issue 13). A message whose raw bytes, readable text and attachments
+    # were removed (by [storage] retain_messages_days or the quarantine's expiry) keeps
+    # its row, with purged_at saying when. The partial index holds only messages not yet
+    # purged, so a pass reads the old ones still to purge, not the whole history; the
+    # attachments' sha256 index lets the pass find blobs no attachment refers to.
+    """
+    ALTER TABLE messages ADD COLUMN purged_at TEXT;
+    CREATE INDEX messages_unpurged ON messages (received_at) WHERE purged_at IS NULL;
+    CREATE INDEX attachments_by_sha256 ON attachments (sha256);
+    """,
 )
 
 

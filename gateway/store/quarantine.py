@@ -8,6 +8,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from .messages import purge_messages
+
 
 def hold_message(conn: sqlite3.Connection, message: int, reasons: Sequence[str], now: str) -> int:
     cursor = conn.execute(
@@ -19,13 +21,14 @@ def hold_message(conn: sqlite3.Connection, message: int, reasons: Sequence[str],
 
 
 def held_message(conn: sqlite3.Connection, quarantine_id: int) -> dict[str, Any] | None:
-    """A quarantine entry with its message's stored columns (and raw bytes)."""
+    """A quarantine entry with its message's stored columns (and raw bytes: None once
+    purged, when `purged_at` says since when)."""
     row = conn.execute(
         """
         SELECT q.id AS quarantine_id, q.reasons AS held_reasons, q.status, q.held_at,
                m.*, r.raw
         FROM quarantine q JOIN messages m ON m.id = q.message
-        JOIN message_raw r ON r.message = m.id
+        LEFT JOIN message_raw r ON r.message = m.id
         WHERE q.id = ?
         """,
         (quarantine_id,),
@@ -46,17 +49,20 @@ def decide_held(
 
 
 def expire_held(conn: sqlite3.Connection, *, before: str, now: str) -> list[int]:
-    """Mark held entries older than `before` expired; returns their ids."""
-    ids = [
-        int(r["id"])
+    """Mark held entries older than `before` expired and purge their messages' content
+    (raw bytes, text, attachments: nobody can release them any more, and unreleased mail
+    is the least trusted we store); returns their ids. The rows stay, for the audit."""
+    found = [
+        (int(r["id"]), int(r["message"]))
         for r in conn.execute(
-            "SELECT id FROM quarantine WHERE status = 'held' AND held_at < ? ORDER BY id",
+            "SELECT id, message FROM quarantine WHERE status = 'held' AND held_at < ? ORDER BY id",
             (before,),
         )
     ]
-    for quarantine_id in ids:
+    for quarantine_id, _ in found:
         decide_held(conn, quarantine_id, status="expired", actor="gateway", now=now)
-    return ids
+    purge_messages(conn, [message for _, message in found], now=now)
+    return [quarantine_id for quarantine_id, _ in found]
 
 
 def list_quarantine(conn: sqlite3.Connection, status: str | None = "held") -> list[dict[str, Any]]:
