@@ -375,3 +375,26 @@ def test_man_page_lists_every_command_and_renders(
         ["groff", "-man", "-Tutf8", "-ww", "-z"], input=page, capture_output=True, text=True
     )
     assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(
+    config: Config, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last net: a bug in a command (here, one planted) still reaches the user as one
+    line and exit 1; GATEWAY_DEBUG=1 shows the traceback for the report."""
+
+    def broken(config: Config, args: argparse.Namespace) -> int:
+        raise KeyError("planted")
+
+    monkeypatch.setattr(cli, "cmd_desk", broken)
+    monkeypatch.delenv("GATEWAY_DEBUG", raising=False)
+    status, _out, err = run_main(["--config", str(config.path), "desk"], capsys)
+    assert status == 1
+    assert err.startswith("gateway: internal error: KeyError: 'planted'") and err.count("\n") == 1
+
+    def denied(config: Config, args: argparse.Namespace) -> int:
+        raise PermissionError(13, "Permission denied", "/x/y")
+
+    monkeypatch.setattr(cli, "cmd_desk", denied)
+    status, _out, err = run_main(["--config", str(config.path), "desk"], capsys)
+    assert (status, err) == (1, "gateway: /x/y: Permission denied\n")
