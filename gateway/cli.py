@@ -319,6 +319,7 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_json(value: Any) -> None:
+    value = _windowed(value)
     json.dump(value, sys.stdout, ensure_ascii=False, indent=2)
     sys.stdout.write("\n")
 
@@ -778,7 +779,8 @@ def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [min(60, max(len(h), *(len(r[i]) for r in rows))) for i, h in enumerate(header)]
+    rows = _windowed(rows)
+    widths = [min(60, max([len(h), *(len(r[i]) for r in rows)])) for i, h in enumerate(header)]
     if sys.stdout.isatty():  # on a terminal, lines fit its width (never when piped)
         widths = _fit_widths(widths)
 
@@ -1393,16 +1395,86 @@ def _run_paged(
 ) -> int:
     """Run a command; a list on a terminal goes through $PAGER when it is longer than
     the screen. Piped output and --json are never paged nor cut."""
-    if not _is_paged(args):
-        return handler(config, args)
-    buffer = _TerminalBuffer()
-    real, sys.stdout = sys.stdout, buffer
+    global _WINDOW
+    _WINDOW = _window(args)
     try:
-        code = handler(config, args)
+        if not _is_paged(args):
+            return handler(config, args)
+        buffer = _TerminalBuffer()
+        real, sys.stdout = sys.stdout, buffer
+        try:
+            code = handler(config, args)
+        finally:
+            sys.stdout = real
+            _page(buffer.getvalue())
+        return code
     finally:
-        sys.stdout = real
-        _page(buffer.getvalue())
-    return code
+        _WINDOW = None
+
+
+# The rows a list shows, as a slice (--offset/--limit), while a list command runs: applied
+# where every list is printed (_print_table, _print_json), so each list command pages
+# alike, whether its store query takes a limit or not.
+_WINDOW: tuple[int, int | None] | None = None
+
+
+def _window(args: argparse.Namespace) -> tuple[int, int | None] | None:
+    if not hasattr(args, "offset"):
+        return None
+    offset: int = args.offset
+    limit: int | None = args.limit
+    if limit is None and offset and not getattr(args, "json", False):
+        # The table's own default page, counted from the offset.
+        if args.command == "events":
+            limit = _EVENTS_TABLE_LIMIT
+        elif args.command == "tickets" and sys.stdout.isatty():
+            limit = _TICKETS_TABLE_LIMIT
+    if not offset and limit is None:
+        return None
+    if limit is not None:
+        args.limit = offset + limit  # a store query with a limit fetches the skipped rows too
+    return offset, None if limit is None else offset + limit
+
+
+def _windowed(rows: Any) -> Any:
+    if _WINDOW is None or not isinstance(rows, list):
+        return rows
+    start, stop = _WINDOW
+    return rows[start:stop]
+
+
+def _add_list_paging(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """--offset N on every list (and --limit N where a list lacks it)."""
+
+    def walk(parser: argparse.ArgumentParser, words: list[str]) -> None:
+        try:
+            sub = _subcommands(parser)
+        except LookupError:
+            if words[-1] != "list" and words != ["events"]:
+                return
+            options = {o for a in parser._actions for o in a.option_strings}
+            if "--limit" not in options:
+                parser.add_argument(
+                    "--limit", type=_positive_int, metavar="N", help="show at most N"
+                )
+            if "--offset" not in options:
+                parser.add_argument(
+                    "--offset",
+                    type=_offset,
+                    default=0,
+                    metavar="N",
+                    help="skip the first N (with --limit: one page after another)",
+                )
+            return
+        for name, child in sub.choices.items():
+            walk(child, [*words, name])
+
+    for name, parser in commands.choices.items():
+        walk(parser, [name])
+
+
+def _offset(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
 
 
 def _page(text: str) -> None:
@@ -1515,6 +1587,7 @@ def add_polish_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     completion.set_defaults(standalone=cmd_completion)
     manpage = commands.add_parser("manpage", help="print the gateway(1) manual page (roff)")
     manpage.set_defaults(standalone=cmd_manpage)
+    _add_list_paging(commands)
 
 
 def cmd_senders_unblock(config: Config, args: argparse.Namespace) -> int:

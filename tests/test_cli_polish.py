@@ -398,3 +398,26 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(
     monkeypatch.setattr(cli, "cmd_desk", denied)
     status, _out, err = run_main(["--config", str(config.path), "desk"], capsys)
     assert (status, err) == (1, "gateway: /x/y: Permission denied\n")
+
+
+def test_lists_take_limit_and_offset(config: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    _many_orgs(config)
+    for words, parser in leaf_commands():
+        if words[-1] == "list" or words == ["events"]:
+            options = {o for a in parser._actions for o in a.option_strings}
+            assert {"--limit", "--offset"} <= options, words
+    base = ["--config", str(config.path), "orgs", "list"]
+    status, out, _err = run_main([*base, "--json", "--offset", "28"], capsys)
+    assert status == 0
+    assert [o["name"][:15] for o in json.loads(out)] == ["Organisation nu"] * 2 and json.loads(out)[
+        0
+    ]["name"].startswith("Organisation number 28")
+    status, out, _err = run_main([*base, "--offset", "5", "--limit", "2"], capsys)
+    lines = out.splitlines()
+    assert len(lines) == 3 and "number 05" in lines[1] and "number 06" in lines[2]
+    status, out, _err = run_main([*base, "--offset", "40"], capsys)
+    assert status == 0 and out.splitlines() == [out.splitlines()[0]]  # the header alone
+    status, out, _err = run_main(
+        ["--config", str(config.path), "events", "--json", "--offset", "1", "--limit", "1"], capsys
+    )
+    assert status == 0 and len(json.loads(out)) <= 1
