@@ -7,6 +7,7 @@ verified by a trusted party or by us: unknown, malformed, unaligned or undecided
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import idna
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 from dns.rdtypes.ANY.TXT import TXT
 from email_validator import EmailNotValidError, validate_email
+from publicsuffixlist import PublicSuffixList
 
 # RFC 8601 gives no limit; one header field is capped at 16 KiB elsewhere (RELIABILITY.md
 # part 3), and a longer value is refused whole rather than read in part.
@@ -185,24 +187,36 @@ def strip_untrusted(
 
 
 def is_aligned(domain: str | None, from_domain: str) -> bool:
-    """DMARC relaxed alignment (RFC 7489 section 3.1.1), without a public-suffix list.
+    """DMARC relaxed alignment (RFC 7489 section 3.1.1): both names have the same
+    organisational domain (section 3.2), found with the Public Suffix List.
 
-    Aligned when equal, or when one is a subdomain of the other ("mail.acme.example" and
-    "acme.example"). Without the PSL we cannot find organisational domains, so: two
-    siblings ("a.acme.example", "b.acme.example") do not align (stricter than DMARC), and
-    alignment is refused when the shorter name has fewer than two labels. Limitation: a
-    suffix with two or more labels ("co.uk", "github.io") is not recognised, so if an
-    authorised domain were such a shared suffix, a subdomain owned by someone else would
-    align with it.
+    "mail.client.co.uk" aligns with "client.co.uk" (both are client.co.uk's), and so do
+    two siblings of one organisation; "client.co.uk" never aligns with "other.co.uk",
+    nor "a.github.io" with "b.github.io": "co.uk" and "github.io" are public suffixes,
+    under which every name is its own organisation. A name that is itself a public
+    suffix ("co.uk", "example", "localhost") has no organisational domain and aligns with
+    nothing: no organisation owns it.
     """
     a = _normalise_domain(domain) if domain else None
     b = _normalise_domain(from_domain)
     if a is None or b is None:
         return False
-    shorter, longer = (a, b) if len(a) <= len(b) else (b, a)
-    if shorter.count(".") < 1:
-        return False
-    return longer == shorter or longer.endswith("." + shorter)
+    org = organisational_domain(a)
+    return org is not None and org == organisational_domain(b)
+
+
+def organisational_domain(domain: str) -> str | None:
+    """The organisational domain (RFC 7489 section 3.2) of a normalised domain name: its
+    public suffix and one more label; None when the name is a public suffix itself."""
+    return _public_suffix_list().privatesuffix(domain)
+
+
+@functools.cache
+def _public_suffix_list() -> PublicSuffixList:
+    # Parsing the list takes some tens of milliseconds: once per process, on first use.
+    # The ICANN and the private section both: a private suffix ("github.io",
+    # "blogspot.com") is shared by independent owners just as "co.uk" is.
+    return PublicSuffixList()
 
 
 def judge(

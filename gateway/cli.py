@@ -13,7 +13,9 @@ import io
 import json
 import os
 import pwd
+import shutil
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
@@ -45,6 +47,7 @@ from .notify import Planner
 from .render import TemplateError, Templates
 from .store import messages as store_messages
 from .store import oncall as store_oncall
+from .store.connection import DatabaseMissing, connect_existing
 from .tickets import Status
 
 # A user-facing error: printed as `gateway: <message>`, exit 1 (an action's error is one).
@@ -57,10 +60,17 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
     args = parser.parse_args(argv)
     args.clock = clock or Clock()
     _operator.set(args.operator)
+    standalone: Callable[[argparse.Namespace], int] | None = getattr(args, "standalone", None)
+    if standalone is not None:  # generated from the parser: needs no configuration
+        return standalone(args)
     try:
         config = load_config(config_path(args.config))
         handler: Callable[[Config, argparse.Namespace], int] = args.handler
-        return handler(config, args)
+        args.database_path = config.database_path
+        return _run_paged(handler, config, args)
+    except DatabaseMissing as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return 1
@@ -71,10 +81,27 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except (store.StoreError, sqlite3.Error) as exc:
-        print(f"gateway: database error: {exc}", file=sys.stderr)
+        print(f"gateway: database error: {_database_problem(args, exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `gateway messages list | head`
         return 0
+    except KeyboardInterrupt:
+        return 130  # 128 + SIGINT, as a shell reports it
+    except OSError as exc:
+        # A file the command had to read or write: name it, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gateway: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # A bug of ours: still one line (exit 1); GATEWAY_DEBUG=1 shows the traceback.
+        if os.environ.get("GATEWAY_DEBUG"):
+            raise
+        print(
+            f"gateway: internal error: {type(exc).__name__}: {exc} "
+            "(GATEWAY_DEBUG=1 shows where; please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=cmd_check_config)
 
     messages = commands.add_parser("messages", help="stored messages")
@@ -111,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = messages_sub.add_parser("show", help="one stored message")
     show.add_argument("id", type=_positive_int, help="the message id (from `messages list`)")
     show.add_argument("--raw", action="store_true", help="print the raw bytes as received")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_messages_show)
 
     tickets = commands.add_parser("tickets", help="the desk's tickets")
@@ -191,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_oncall_ack_command(add_oncall_commands(commands))
     add_status_command(commands)
     add_backup_commands(commands)
+    add_polish_commands(commands)
     return parser
 
 
@@ -237,6 +267,9 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     # Every folder the daemon writes (database, outbox), as this user: run it as the
     # service user (the unit's ExecStartPre= does) for an answer that holds for serve.
     check_writable(config)
+    if args.json:
+        _print_json(_check_config_json(config))
+        return 0
     mailboxes = ", ".join(f"{m.address} ({m.unit})" for m in config.mailboxes)
     print(f"{config.path}: ok")
     print(f"  listen    {config.smtp.protocol} on {config.smtp.host}:{config.smtp.port}")
@@ -272,7 +305,7 @@ def _rota_warnings(config: Config) -> list[str]:
 
 
 def cmd_messages_list(config: Config, args: argparse.Namespace) -> int:
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         rows = store.list_messages(conn, args.limit)
     if args.json:
         _print_json(rows)
@@ -295,7 +328,7 @@ def cmd_messages_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         raw = store.read_raw(conn, args.id)
         rows = [r for r in store.list_messages(conn) if r["id"] == args.id] if raw else []
         purged = store_messages.purged_at(conn, args.id) if raw is None else None
@@ -303,6 +336,11 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
         raise CliError(f"message {args.id} was purged on {when[:10]} (retention)")
     if raw is None or not rows:
         raise CliError(f"no message with id {args.id}")
+    if args.json:
+        if args.raw:
+            raise CliError("--raw and --json: choose one")
+        _print_json(rows[0])
+        return 0
     if args.raw:
         sys.stdout.buffer.write(raw)
         sys.stdout.flush()
@@ -331,6 +369,7 @@ def cmd_messages_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_json(value: Any) -> None:
+    value = _windowed(value)
     json.dump(value, sys.stdout, ensure_ascii=False, indent=2)
     sys.stdout.write("\n")
 
@@ -365,7 +404,7 @@ def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
     limit = args.limit
     if limit is None and not args.json and sys.stdout.isatty():
         limit = _TICKETS_TABLE_LIMIT
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         tickets = store.list_tickets(
             conn,
             now=iso(now),
@@ -456,7 +495,7 @@ def cmd_tickets_commit(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_desk(config: Config, args: argparse.Namespace) -> int:
     now = _clock(args).now()
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         names = (
             [args.unit]
             if args.unit
@@ -588,7 +627,7 @@ def cmd_tickets_calm(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         ticket = store.show_ticket(conn, args.number, now=_clock(args).stamp())
     if ticket is None:
         raise CliError(f"no ticket #{args.number}")
@@ -634,6 +673,7 @@ def add_quarantine_commands(commands: Any) -> None:
     qlist.set_defaults(handler=cmd_quarantine_list)
     qshow = sub.add_parser("show", help="one held message: headers, text, reasons")
     qshow.add_argument("id", type=_positive_int)
+    qshow.add_argument("--json", action="store_true", help="machine-readable output")
     qshow.set_defaults(handler=cmd_quarantine_show)
     qrelease = sub.add_parser("release", help="file held mail as if its sender were authorised")
     qrelease.add_argument("id", type=_positive_int)
@@ -687,7 +727,7 @@ def cli_actor() -> str:
 
 
 def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         entries = store.list_quarantine(conn, None if args.all else "held")
     if args.json:
         _print_json(entries)
@@ -711,7 +751,7 @@ def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
-    with closing(open_db(config)) as conn:
+    with _read_db(config) as conn:
         row = store.held_message(conn, args.id)
     if row is None:
         raise CliError(f"no quarantine entry {args.id}")
@@ -721,6 +761,9 @@ def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
         print(f"purged on {(row['purged_at'] or '')[:10]}")
         return 0
     parsed = quarantine_actions.parse_held(config, bytes(row["raw"]))
+    if args.json:
+        _print_json(_held_json(row, parsed))
+        return 0
     print(f"quarantine {row['quarantine_id']} ({row['status']}), held {row['held_at'][:19]}")
     print(f"reasons:   {', '.join(json.loads(row['held_reasons']))}")
     print(f"envelope:  from <{row['mail_from']}> to {', '.join(json.loads(row['rcpt_to']))}")
@@ -834,7 +877,10 @@ def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [min(60, max(len(h), *(len(r[i]) for r in rows))) for i, h in enumerate(header)]
+    rows = _windowed(rows)
+    widths = [min(60, max([len(h), *(len(r[i]) for r in rows)])) for i, h in enumerate(header)]
+    if sys.stdout.isatty():  # on a terminal, lines fit its width (never when piped)
+        widths = _fit_widths(widths)
 
     def line(cells: Sequence[str]) -> str:
         # Mail headers are the sender's words: no control character reaches the terminal.
@@ -905,7 +951,7 @@ def cmd_scheduler_run(config: Config, args: argparse.Namespace) -> int:
     # The one clock, fixed at --now: everything the pass stamps is stamped as of then.
     clock = FixedClock(args.now) if args.now is not None else _clock(args)
     now = clock.now()
-    with _admin_db(config) as conn:
+    with _admin_db(config, create=True) as conn:
         done = scheduler.run_pass(config, conn, now, dry_run=args.dry_run)
     if args.json:
         _print_json(
@@ -988,8 +1034,11 @@ def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     sremove.add_argument("--domain", metavar="DOMAIN", help="remove the grant of DOMAIN")
     _add_reason_option(sremove)
     sremove.set_defaults(handler=cmd_senders_remove)
-    sblock = senders_sub.add_parser("block", help="refuse all mail from an address")
-    sblock.add_argument("address", metavar="ADDRESS")
+    sblock = senders_sub.add_parser(
+        "block", help="refuse all mail from an address (or, with --domain, a whole domain)"
+    )
+    sblock.add_argument("address", nargs="?", metavar="ADDRESS")
+    sblock.add_argument("--domain", metavar="DOMAIN", help="refuse mail from every address at it")
     _add_reason_option(sblock)
     sblock.set_defaults(handler=cmd_senders_block)
     slist = senders_sub.add_parser("list", help="authorised and blocked senders")
@@ -1024,10 +1073,14 @@ def _add_reason_option(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _admin_db(config: Config, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-    """The database for one command; with `write`, one transaction committed at the end."""
+def _admin_db(
+    config: Config, *, write: bool = False, create: bool = False
+) -> Iterator[sqlite3.Connection]:
+    """The database for one command; with `write`, one transaction committed at the end.
+    Without `write` or `create` it must exist: a read never creates an empty desk."""
     try:
-        with closing(open_db(config)) as conn:
+        opened = open_db(config) if write or create else _open_existing(config)
+        with closing(opened) as conn:
             if write:
                 with store.write_transaction(conn):
                     yield conn
@@ -1216,7 +1269,10 @@ def cmd_senders_remove(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
-    address = valid_address(args.address)
+    address = sender_actions.sender_key(args.address, args.domain)
+    if args.domain is not None:
+        # Our own domain blocked would refuse our staff and our own mail.
+        _our_domains(config, [address[1:]])
     now = _clock(args).stamp()
     with _admin_db(config, write=True) as conn:
         blocked = sender_actions.block(
@@ -1229,6 +1285,9 @@ def cmd_senders_block(config: Config, args: argparse.Namespace) -> int:
         )
     if not blocked:
         print(f"{address} is already blocked; nothing changed")
+        return 0
+    if address.startswith("@"):
+        print(f"blocked every address at {address[1:]}: all their mail is refused")
         return 0
     print(f"blocked {address}: all its mail is refused")
     return 0
@@ -1748,6 +1807,416 @@ def cmd_restore(config: Config, args: argparse.Namespace) -> int:
         print(f"the database that was there is kept as {restored.moved_aside}")
     print(f"restored {config.database_path} from {args.path}: {restored.summary()}")
     return 0
+
+
+# --- issue 13 item 7: an admin CLI that does not surprise -------------------------------------
+#
+# Reads never create the database; every failure is one line naming the path or key (exit
+# 1; argparse's usage errors exit 2); lists page on a terminal and fit its width; `senders
+# show`, `orgs show`, `senders unblock` and domain blocks; shell completion and a man page
+# generated from this parser, so they list every command whoever adds it.
+
+# Shells `gateway completion` writes a script for (shtab's).
+COMPLETION_SHELLS = ("bash", "zsh")
+# The pager for long output on a terminal when $PAGER is unset, as git uses it: -F quits
+# at once when the text fits the screen, -R passes colours, -X leaves the text on screen.
+DEFAULT_PAGER = "less -FRX"
+# Narrowest a table column is cut to when fitting the terminal: a letter and the ellipsis.
+_MIN_COLUMN = 3
+# Commands that only read and print lists or one record: paged on a terminal.
+_PAGED_ACTIONS = frozenset({"list", "show"})
+_PAGED_COMMANDS = frozenset({"events", "desk"})
+
+
+def _open_existing(config: Config) -> sqlite3.Connection:
+    return connect_existing(config.database_path, config.storage.busy_timeout_ms)
+
+
+@contextmanager
+def _read_db(config: Config) -> Iterator[sqlite3.Connection]:
+    """The database of a read command: it must exist (DatabaseMissing otherwise)."""
+    with closing(_open_existing(config)) as conn:
+        yield conn
+
+
+def _database_problem(args: argparse.Namespace, exc: Exception) -> str:
+    """An SQLite error as one line that names the database file."""
+    text = str(exc)
+    path = getattr(args, "database_path", None)
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    if path is None or str(path) in text:
+        return text
+    if code in (store.SQLITE_BUSY, store.SQLITE_LOCKED):
+        return f"{path}: the database is locked by another process; nothing was changed, try again"
+    return f"{path}: {text}"
+
+
+class _TerminalBuffer(io.StringIO):
+    """Collects a command's output for the pager; tells the command it writes to a
+    terminal, as it finally does (a table then fits the terminal's width)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _is_paged(args: argparse.Namespace) -> bool:
+    if getattr(args, "json", False) or getattr(args, "raw", False):
+        return False
+    if args.command not in _PAGED_COMMANDS and getattr(args, "action", None) not in _PAGED_ACTIONS:
+        return False
+    return sys.stdout.isatty()
+
+
+def _run_paged(
+    handler: Callable[[Config, argparse.Namespace], int], config: Config, args: argparse.Namespace
+) -> int:
+    """Run a command; a list on a terminal goes through $PAGER when it is longer than
+    the screen. Piped output and --json are never paged nor cut."""
+    global _WINDOW
+    _WINDOW = _window(args)
+    try:
+        if not _is_paged(args):
+            return handler(config, args)
+        buffer = _TerminalBuffer()
+        real, sys.stdout = sys.stdout, buffer
+        try:
+            code = handler(config, args)
+        finally:
+            sys.stdout = real
+            _page(buffer.getvalue())
+        return code
+    finally:
+        _WINDOW = None
+
+
+# The rows a list shows, as a slice (--offset/--limit), while a list command runs: applied
+# where every list is printed (_print_table, _print_json), so each list command pages
+# alike, whether its store query takes a limit or not.
+_WINDOW: tuple[int, int | None] | None = None
+
+
+def _window(args: argparse.Namespace) -> tuple[int, int | None] | None:
+    if not hasattr(args, "offset"):
+        return None
+    offset: int = args.offset
+    limit: int | None = args.limit
+    if limit is None and offset and not getattr(args, "json", False):
+        # The table's own default page, counted from the offset.
+        if args.command == "events":
+            limit = _EVENTS_TABLE_LIMIT
+        elif args.command == "tickets" and sys.stdout.isatty():
+            limit = _TICKETS_TABLE_LIMIT
+    if not offset and limit is None:
+        return None
+    if limit is not None:
+        args.limit = offset + limit  # a store query with a limit fetches the skipped rows too
+    return offset, None if limit is None else offset + limit
+
+
+def _windowed(rows: Any) -> Any:
+    if _WINDOW is None or not isinstance(rows, list):
+        return rows
+    start, stop = _WINDOW
+    return rows[start:stop]
+
+
+def _add_list_paging(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """--offset N on every list (and --limit N where a list lacks it)."""
+
+    def walk(parser: argparse.ArgumentParser, words: list[str]) -> None:
+        try:
+            sub = _subcommands(parser)
+        except LookupError:
+            if words[-1] != "list" and words != ["events"]:
+                return
+            options = {o for a in parser._actions for o in a.option_strings}
+            if "--limit" not in options:
+                parser.add_argument(
+                    "--limit", type=_positive_int, metavar="N", help="show at most N"
+                )
+            if "--offset" not in options:
+                parser.add_argument(
+                    "--offset",
+                    type=_offset,
+                    default=0,
+                    metavar="N",
+                    help="skip the first N (with --limit: one page after another)",
+                )
+            return
+        for name, child in sub.choices.items():
+            walk(child, [*words, name])
+
+    for name, parser in commands.choices.items():
+        walk(parser, [name])
+
+
+def _offset(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _page(text: str) -> None:
+    lines = shutil.get_terminal_size().lines
+    pager = os.environ.get("PAGER", DEFAULT_PAGER).strip()
+    if not text or text.count("\n") < lines - 1 or pager in ("", "cat"):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    # Through the shell, as git and man run $PAGER: it may hold options ("less -S").
+    try:
+        done = subprocess.run(pager, shell=True, input=text.encode(), check=False)
+    except OSError:
+        done = None
+    if done is None or done.returncode in (126, 127):  # the pager could not run
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _fit_widths(widths: list[int]) -> list[int]:
+    """Column widths cut (widest first) so that a table line fits the terminal."""
+    columns = shutil.get_terminal_size().columns
+    fitted = list(widths)
+    while sum(fitted) + 2 * (len(fitted) - 1) > columns:
+        widest = max(range(len(fitted)), key=lambda i: fitted[i])
+        if fitted[widest] <= _MIN_COLUMN:
+            break  # a terminal this narrow gets what fits least badly
+        fitted[widest] -= 1
+    return fitted
+
+
+def _check_config_json(config: Config) -> dict[str, Any]:
+    """check-config --json: what it checked, the resolved paths by key, the warnings."""
+    return {
+        "config": str(config.path),
+        "ok": True,
+        "listen": {
+            "protocol": config.smtp.protocol,
+            "host": config.smtp.host,
+            "port": config.smtp.port,
+        },
+        "mailboxes": [{"address": m.address, "unit": m.unit} for m in config.mailboxes],
+        "tls": config.smtp.tls_enabled,
+        "paths": {
+            "storage.database": str(config.database_path),
+            "templates.directory": str(config.templates_path),
+            "delivery.directory": str(config.outbox_path),
+            "smtp.tls_cert": str(config.resolve(config.smtp.tls_cert))
+            if config.smtp.tls_cert
+            else None,
+            "smtp.tls_key": str(config.resolve(config.smtp.tls_key))
+            if config.smtp.tls_key
+            else None,
+        },
+        "warnings": config_warnings(config),
+    }
+
+
+def _held_json(row: Any, parsed: Any) -> dict[str, Any]:
+    return {
+        "id": row["quarantine_id"],
+        "status": row["status"],
+        "held_at": row["held_at"],
+        "reasons": json.loads(row["held_reasons"]),
+        "mail_from": row["mail_from"],
+        "rcpt_to": json.loads(row["rcpt_to"]),
+        "peer": row["peer"],
+        "helo": row["helo"],
+        "headers": [[name, value] for name, value in parsed.headers],
+        "text": parsed.reply_text or parsed.text,
+    }
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise LookupError(f"{parser.prog} has no subcommands")
+
+
+def add_polish_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`senders unblock|show`, `orgs show`, `completion`, `manpage`."""
+    senders_sub = _subcommands(commands.choices["senders"])
+    sunblock = senders_sub.add_parser(
+        "unblock", help="lift a block (a grant blocked later is authorised again)"
+    )
+    sunblock.add_argument("address", nargs="?", metavar="ADDRESS")
+    sunblock.add_argument("--domain", metavar="DOMAIN", help="lift the block of a whole domain")
+    _add_reason_option(sunblock)
+    sunblock.set_defaults(handler=cmd_senders_unblock)
+    sshow = senders_sub.add_parser(
+        "show", help="one address: its grants, blocks and the last mail from it"
+    )
+    sshow.add_argument("address", metavar="ADDRESS")
+    sshow.add_argument("--json", action="store_true", help="machine-readable output")
+    sshow.set_defaults(handler=cmd_senders_show)
+
+    orgs_sub = _subcommands(commands.choices["orgs"])
+    oshow = orgs_sub.add_parser(
+        "show", help="one organisation: domains, unit, senders, open tickets"
+    )
+    oshow.add_argument("name", metavar="NAME")
+    oshow.add_argument("--json", action="store_true", help="machine-readable output")
+    oshow.set_defaults(handler=cmd_orgs_show)
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)"
+    )
+    completion.add_argument("shell", choices=COMPLETION_SHELLS)
+    completion.set_defaults(standalone=cmd_completion)
+    manpage = commands.add_parser("manpage", help="print the gateway(1) manual page (roff)")
+    manpage.set_defaults(standalone=cmd_manpage)
+    _add_list_paging(commands)
+
+
+def cmd_senders_unblock(config: Config, args: argparse.Namespace) -> int:
+    now = _clock(args).stamp()
+    with _admin_db(config, write=True) as conn:
+        key, authorised = sender_actions.unblock(
+            conn,
+            address=args.address,
+            domain=args.domain,
+            actor=cli_actor(),
+            now=now,
+            reason=args.reason,
+        )
+    print(f"unblocked {key}" + ("; authorised again as before" if authorised else ""))
+    return 0
+
+
+def cmd_senders_show(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        view = sender_actions.sender_view(conn, args.address)
+    if args.json:
+        _print_json(view)
+        return 0
+    print(f"{view['address']}: {view['status']}")
+    if view["domain_organisation"]:
+        print(f"  domain of   {view['domain_organisation']}")
+    for grant in view["grants"]:
+        name = f" ({printable(grant['name'])})" if grant["name"] else ""
+        what = "whole domain" if grant["domain"] else "address"
+        print(f"  granted     {grant['address']} ({what}) for {grant['organisation']}{name}")
+    for block in view["blocks"]:
+        what = "whole domain" if block["domain"] else "address"
+        print(f"  blocked     {block['address']} ({what}) since {block['since'][:16]}")
+    last = view["last_mail"]
+    if last is None:
+        print("  last mail   none received")
+    else:
+        ticket = f"#{last['ticket']}" if last["ticket"] is not None else "no ticket"
+        print(
+            f"  last mail   {last['time'][:19].replace('T', ' ')} UTC, {ticket}, "
+            f"{last['disposition']} (message {last['message']})"
+        )
+    return 0
+
+
+def cmd_orgs_show(config: Config, args: argparse.Namespace) -> int:
+    with _admin_db(config) as conn:
+        view = sender_actions.org_view(conn, args.name)
+    if args.json:
+        _print_json(view)
+        return 0
+    print(view["name"])
+    print(f"  domains          {' '.join(view['domains']) or '-'}")
+    print(f"  unit             {view['unit'] or '-'}")
+    print(f"  account manager  {view['account_manager'] or '-'}")
+    print(f"  out of hours     {'yes' if view['out_of_hours'] else 'no'}")
+    print(f"  open tickets     {view['open_tickets']}")
+    print(f"  senders          {len(view['senders'])}")
+    for sender in view["senders"]:
+        state = "blocked" if sender["blocked"] else "whole domain" if sender["domain"] else ""
+        name = printable(sender["name"] or "")
+        print(f"    {sender['address']}  {name}  {state}".rstrip())
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab  # only this command needs it
+
+    print(shtab.complete(build_parser(), shell=args.shell), end="")
+    return 0
+
+
+def cmd_manpage(args: argparse.Namespace) -> int:
+    sys.stdout.write(manpage(build_parser()))
+    return 0
+
+
+def _roff(text: str) -> str:
+    """Text safe in a roff line: backslashes escaped, no line taken for a request."""
+    text = " ".join(text.split()).replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def manpage(parser: argparse.ArgumentParser) -> str:
+    """gateway(1) in roff (man(7) macros), generated from the parser: every command."""
+    out = [
+        f'.TH GATEWAY 1 "" "gateway {__version__}" "User Commands"',
+        ".SH NAME",
+        f"gateway \\- {_roff(parser.description or '')}",
+        ".SH SYNOPSIS",
+        ".B gateway",
+        "[\\fB\\-\\-config\\fR \\fIPATH\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]",
+        ".SH DESCRIPTION",
+        _roff(__doc__.split("\n\n", 1)[1] if __doc__ else ""),
+        ".SH OPTIONS",
+    ]
+    out += _roff_options(parser)
+    out.append(".SH COMMANDS")
+
+    def walk(p: argparse.ArgumentParser, words: list[str], help_text: str) -> None:
+        try:
+            sub = _subcommands(p)
+        except LookupError:
+            usage = p.format_usage().removeprefix("usage: ").strip()
+            out.append(f'.SS "{_roff(" ".join(words))}"')
+            out.append(_roff(help_text))
+            out.append(".PP")
+            out.append(f"\\fB{_roff(usage)}\\fR")
+            out.extend(_roff_options(p))
+            return
+        helps = {a.dest: a.help or "" for a in sub._choices_actions}
+        for name, child in sub.choices.items():
+            walk(child, [*words, name], helps.get(name, ""))
+
+    walk(parser, ["gateway"], "")
+    out += [
+        ".SH EXIT STATUS",
+        "0 on success; 1 with a one\\-line message on standard error naming what is wrong "
+        "(a path, a key, a record); 2 for a usage error (an unknown option, a missing "
+        "argument), as argparse reports it.",
+        ".SH ENVIRONMENT",
+        ".TP",
+        ".B GATEWAY_CONFIG",
+        "the configuration file when \\fB\\-\\-config\\fR is not given (else ./config.toml)",
+        ".TP",
+        ".B PAGER",
+        f"the pager for long lists on a terminal (default \\fB{_roff(DEFAULT_PAGER)}\\fR)",
+        ".TP",
+        ".B GATEWAY_DEBUG",
+        "set to show the Python traceback of an internal error",
+        ".SH SEE ALSO",
+        "The README of the gateway project: configuration reference and command reference.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _roff_options(parser: argparse.ArgumentParser) -> list[str]:
+    lines: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
+            continue
+        if action.option_strings:
+            names = ", ".join(f"\\fB{_roff(o)}\\fR" for o in action.option_strings)
+            if action.nargs != 0:
+                metavar = action.metavar or action.dest.upper()
+                if isinstance(metavar, tuple):
+                    metavar = " ".join(metavar)
+                names += f" \\fI{_roff(metavar)}\\fR"
+        else:
+            names = f"\\fI{_roff(str(action.metavar or action.dest))}\\fR"
+        lines += [".TP", names, _roff(action.help or "")]
+    return lines
 
 
 if __name__ == "__main__":

@@ -565,6 +565,7 @@ def test_the_largest_number_is_answered_not_crashed(
     config_staff = load_config(
         write_config(config.path.parent, extra='[staff]\naddresses = ["dana@example.org"]\n')
     )
+    store.connect(config_staff.database_path).close()  # a read never creates it (issue 13)
     args = [part.format(LARGEST) for part in command]
     status, error = run_main(config_staff, args, capsys)
     assert "Traceback" not in error

@@ -438,7 +438,7 @@ def test_forged_own_authserv_id_from_outside_changes_nothing() -> None:
         ("ACME.example.", "acme.EXAMPLE", True),
         ("mail.acme.example", "acme.example", True),
         ("acme.example", "eu.acme.example", True),
-        ("a.acme.example", "b.acme.example", False),  # siblings: no PSL, so refused
+        ("a.acme.example", "b.acme.example", True),  # siblings: one organisational domain
         ("evilacme.example", "acme.example", False),  # a suffix, not a subdomain
         ("acme.example", "acme.example.evil.example", False),
         ("example", "acme.example", False),  # shorter has one label

@@ -30,11 +30,15 @@ from ..store.senders import (
     count_organisation_tickets,
     find_organisation,
     find_sender,
+    last_inbound_from,
     list_senders,
+    organisation_extras,
     organisation_for_domain,
     remove_org_domain,
     remove_organisation,
     remove_sender,
+    sender_record,
+    unblock_sender,
     update_organisation,
     upsert_sender,
 )
@@ -667,3 +671,104 @@ def import_senders(
             detail=detail_senders_imported(label, added, updated, unchanged, reason),
         )
     return Imported(added, updated, unchanged, granted)
+
+
+# --- issue 13: unblock, and the one-sender / one-organisation views ------------------------
+
+
+def unblock(
+    conn: sqlite3.Connection,
+    *,
+    address: str | None,
+    domain: str | None,
+    actor: str,
+    now: str,
+    reason: str | None = None,
+) -> tuple[str, bool]:
+    """Lift the block of an address or a whole domain. Returns the key ("@domain" for a
+    domain) and whether it is authorised again (a grant blocked later comes back as it
+    was; a bare block is gone). ActionError when it is not blocked."""
+    key = sender_key(address, domain, at_domain=True)
+    existing = find_sender(conn, key)
+    if existing is None or not existing.blocked:
+        raise ActionError(f"{key} is not blocked")
+    authorised = unblock_sender(conn, key)
+    if authorised:
+        _event(
+            conn,
+            actor=actor,
+            now=now,
+            action=EventAction.SENDER_UPDATED,
+            subject=f"sender:{key}",
+            detail={
+                "blocked": {"from": True, "to": False},
+                "via": "senders unblock",
+                "reason": reason,
+            },
+        )
+    else:
+        _event(
+            conn,
+            actor=actor,
+            now=now,
+            action=EventAction.SENDER_REMOVED,
+            subject=f"sender:{key}",
+            detail=detail_sender_removed(existing, "senders unblock", reason),
+        )
+    return key, authorised
+
+
+def sender_view(conn: sqlite3.Connection, text: str) -> dict[str, Any]:
+    """What the sender list says of one address: its own row and its domain's (grants and
+    blocks), the organisation owning its domain, and the last mail received from it."""
+    address = valid_address(text)
+    domain = address.rpartition("@")[2]
+    grants: list[dict[str, Any]] = []
+    blocks: list[dict[str, Any]] = []
+    for key in (address, f"@{domain}"):
+        entry = find_sender(conn, key)
+        if entry is None:
+            continue
+        row = {
+            "address": key,
+            "domain": entry.is_domain,
+            "organisation": entry.organisation,
+            "name": entry.name,
+            "since": entry.created_at,
+        }
+        (blocks if entry.blocked else grants).append(row)
+    owner = organisation_for_domain(conn, domain)
+    record = sender_record(conn, address)
+    return {
+        "address": address,
+        "status": (
+            "blocked"
+            if record is not None and record.blocked
+            else "authorised"
+            if record is not None and record.authorised
+            else "unknown"
+        ),
+        "grants": grants,
+        "blocks": blocks,
+        "domain_organisation": owner.name if owner is not None else None,
+        "last_mail": last_inbound_from(conn, address),
+    }
+
+
+def org_view(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
+    """One organisation: its domains, unit, account manager, out-of-hours flag, senders
+    (authorised and blocked rows) and the number of its open tickets."""
+    org = find_org(conn, name)
+    senders = [
+        {"address": s.address, "name": s.name, "blocked": s.blocked, "domain": s.is_domain}
+        for s in list_senders(conn, organisation=org.id)
+    ]
+    return {
+        "name": org.name,
+        "domains": list(org.domains),
+        "unit": org.unit,
+        "account_manager": org.account_manager,
+        **organisation_extras(conn, org.id),
+        "senders": senders,
+        "created_at": org.created_at,
+    }

@@ -69,6 +69,24 @@ def connect(path: Path, busy_timeout_ms: int = 5000, *, create: bool = True) -> 
     return conn
 
 
+class DatabaseMissing(DatabaseRefused):
+    """No database file where the configuration points: a read has nothing to read."""
+
+
+def connect_existing(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open the database for a command that only reads: never creates one.
+
+    A read command run before the daemon ever started (or with the wrong --config) must
+    not leave an empty desk behind at that path: the daemon would then start on it, and
+    the operator would read "no tickets" where the answer is "wrong database". The file
+    is checked and migrated as `connect` does (a read of an older schema needs its
+    columns); if it vanishes between the check and the open, `connect` refuses it too.
+    """
+    if not os.path.lexists(path):
+        raise DatabaseMissing(f"no database at {path}: has the daemon run? (storage.database)")
+    return connect(path, busy_timeout_ms, create=False)
+
+
 def _refusal(path: Path, problem: str) -> str:
     return (
         f"{path}: refusing to use this database: {problem}. Restore it from a backup, or "

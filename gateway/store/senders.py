@@ -9,6 +9,7 @@ path's own sender lookup is `sender_record`, not the admin functions.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -302,3 +303,67 @@ def list_senders(
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"{_SENDER_SELECT} {where} ORDER BY o.name IS NULL, o.name, s.address"
     return [_sender(row) for row in conn.execute(sql, params)]
+
+
+# --- issue 13: unblock, and what `senders show` / `orgs show` print --------------------------
+
+
+def unblock_sender(conn: sqlite3.Connection, address: str) -> bool:
+    """Lift the block of an address (or "@domain"). A row that was authorised before it
+    was blocked (block_sender keeps the organisation) is authorised again; a bare block is
+    deleted. True if the row is authorised now, False if it is gone."""
+    row = conn.execute(
+        "SELECT organisation FROM senders WHERE address = ? AND blocked", (address,)
+    ).fetchone()
+    if row is None:
+        return False
+    if row["organisation"] is None:
+        conn.execute("DELETE FROM senders WHERE address = ?", (address,))
+        return False
+    conn.execute("UPDATE senders SET blocked = 0 WHERE address = ?", (address,))
+    return True
+
+
+def last_inbound_from(conn: sqlite3.Connection, address: str) -> dict[str, object] | None:
+    """The newest message received from this (normalised) sender: when, its ticket, and
+    what became of it (filed to a ticket, held in the quarantine, or stored only)."""
+    row = conn.execute(
+        """
+        SELECT m.id, m.received_at, m.ticket, m.reasons, m.duplicate_of, q.status AS held
+        FROM messages m LEFT JOIN quarantine q ON q.message = m.id
+        WHERE m.sender = ? AND m.direction = 'in'
+        ORDER BY m.received_at DESC, m.id DESC
+        LIMIT 1
+        """,
+        (address,),
+    ).fetchone()
+    if row is None:
+        return None
+    if row["held"] is not None:
+        disposition = f"quarantine ({row['held']})"
+    elif row["ticket"] is not None:
+        disposition = "filed"
+    else:
+        disposition = "stored"
+    return {
+        "message": row["id"],
+        "time": row["received_at"],
+        "ticket": row["ticket"],
+        "disposition": disposition,
+        "reasons": json.loads(row["reasons"]),
+    }
+
+
+def organisation_extras(conn: sqlite3.Connection, org_id: int) -> dict[str, object]:
+    """What `orgs show` adds to an Organisation: out_of_hours (migration 10) and the
+    number of its tickets not yet solved or closed."""
+    row = conn.execute(
+        """
+        SELECT o.out_of_hours,
+               (SELECT COUNT(*) FROM tickets t WHERE t.organisation = o.id
+                   AND t.status NOT IN ('solved', 'closed')) AS open_tickets
+        FROM organisations o WHERE o.id = ?
+        """,
+        (org_id,),
+    ).fetchone()
+    return {"out_of_hours": bool(row["out_of_hours"]), "open_tickets": int(row["open_tickets"])}
