@@ -28,7 +28,7 @@ from .pipeline import Pipeline
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
-from .store import DatabaseRefused, StoreError, Writer
+from .store import DatabaseRefused, StoreError, Writer, search
 from .store.reader import Reader
 
 # systemd's TimeoutStopSec is 60 s: leave time to close the parser and the database.
@@ -69,6 +69,7 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._state: ServerState | None = None
         self._scheduler: asyncio.Task[None] | None = None
+        self._search_backfill: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.writer.start()
@@ -80,6 +81,13 @@ class Gateway:
             self._server, self._state = await start_server(self.config, self.pipeline)
             self._scheduler = asyncio.create_task(
                 run_scheduler(self.config, self.writer, self.clock), name="gateway-scheduler"
+            )
+            storage = self.config.storage
+            self._search_backfill = asyncio.create_task(
+                search.run_backfill(
+                    self.writer, storage.search_backfill_batch, storage.search_backfill_interval
+                ),
+                name="gateway-search-backfill",
             )
         except BaseException:
             await self.outbox.stop()
@@ -99,6 +107,11 @@ class Gateway:
         return self._state
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self._search_backfill is not None:
+            self._search_backfill.cancel()  # a batch under way commits or rolls back whole
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._search_backfill
+            self._search_backfill = None
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -280,6 +280,26 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX pages_waiting ON pages (ack_due) WHERE acknowledged_at IS NULL;
     """,
+    # 11: full-text search over filed mail (issue 14, gateway/store/search.py). An
+    # external-content FTS5 table over messages, keyed by the message id: the text is not
+    # stored twice. Its persistent rank weighs the subject over the sender over the text
+    # (search.RANK_WEIGHTS). Mail stored before this migration is indexed by the daemon's
+    # backfill in batches, ids search_backfill_next .. search_backfill_end (meta), so the
+    # migration itself stays instant on a database of a million messages.
+    """
+    CREATE VIRTUAL TABLE message_search USING fts5 (
+        subject, from_header, text,
+        content = 'messages', content_rowid = 'id',
+        tokenize = 'unicode61 remove_diacritics 2'
+    );
+    INSERT INTO message_search (message_search, rank) VALUES ('rank', 'bm25(4.0, 2.0, 1.0)');
+    INSERT INTO meta (key, value)
+        SELECT 'search_backfill_end', CAST(MAX(id) AS TEXT) FROM messages
+        HAVING MAX(id) IS NOT NULL;
+    INSERT INTO meta (key, value)
+        SELECT 'search_backfill_next', CAST(MIN(id) AS TEXT) FROM messages
+        HAVING MIN(id) IS NOT NULL;
+    """,
 )
 
 
