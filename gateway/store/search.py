@@ -166,14 +166,20 @@ class SearchHit:
 # (https://www.sqlite.org/lang_select.html#bareagg).
 _TICKETS_SQL = """
     SELECT m.ticket AS number, MIN(s.rank) AS best, s.rowid AS message
-    FROM message_search s
+    FROM ({matches}) s
     JOIN messages m ON m.id = s.rowid
     JOIN tickets t ON t.number = m.ticket
-    WHERE message_search MATCH ? {filters}
+    WHERE 1 {filters}
     GROUP BY m.ticket
     ORDER BY best, m.ticket DESC
     LIMIT ?
 """
+# The best matching messages first: FTS5 keeps only the top N while ranking ("ORDER BY
+# rank LIMIT N"), so a common word's hundred thousand matches are not each joined to
+# their ticket. Only when these few give fewer tickets than asked for (filters that most
+# matches fail) is every match read.
+_MATCHES_SQL = "SELECT rowid, rank FROM message_search WHERE message_search MATCH ?"
+_TOP_MATCHES = 50  # candidate messages per ticket asked for
 
 # Step 2: the snippet of those messages only (snippet() costs a read of the text).
 _SNIPPETS_SQL = f"""
@@ -202,7 +208,7 @@ def search(
     """Tickets whose filed mail matches `query` (FTS5 syntax: words, "a phrase", prefix*,
     AND / OR / NOT, parentheses), best first, one hit per ticket."""
     filters = ""
-    params: list[Any] = [query]
+    params: list[Any] = []
     if organisation is not None:
         filters += " AND t.organisation = ?"
         params.append(organisation)
@@ -210,8 +216,19 @@ def search(
         filters += " AND t.status = ?"
         params.append(status)
     params.append(limit)
+    top = max(1000, limit * _TOP_MATCHES)
     try:
-        best = conn.execute(_TICKETS_SQL.format(filters=filters), params).fetchall()
+        capped = _TICKETS_SQL.format(
+            matches=_MATCHES_SQL + " ORDER BY rank LIMIT ?", filters=filters
+        )
+        best = conn.execute(capped, [query, top, *params]).fetchall()
+        if len(best) < limit:
+            [[found]] = conn.execute(
+                f"SELECT COUNT(*) FROM ({_MATCHES_SQL} LIMIT ?)", (query, top + 1)
+            ).fetchall()
+            if found > top:  # the cap left some out: read them all
+                every = _TICKETS_SQL.format(matches=_MATCHES_SQL, filters=filters)
+                best = conn.execute(every, [query, *params]).fetchall()
         if not best:
             return []
         messages = [int(r["message"]) for r in best]
