@@ -35,7 +35,7 @@ from .render import TemplateError, Templates
 from .scheduler import run_scheduler
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .server import ServerState, start_server, stop_server
-from .store import DatabaseRefused, StoreError, Writer
+from .store import DatabaseRefused, StoreError, Writer, search
 from .store.reader import Reader
 
 # systemd's TimeoutStopSec is 60 s: leave time to close the parser and the database.
@@ -78,6 +78,7 @@ class Gateway:
         self._scheduler: asyncio.Task[None] | None = None
         self._metrics: Any = None  # the metrics HTTP server, when [metrics] listen is set
         self.metrics_port = 0
+        self._search_backfill: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.writer.start()
@@ -94,6 +95,13 @@ class Gateway:
             self._server, self._state = await start_server(self.config, self.pipeline)
             self._scheduler = asyncio.create_task(
                 run_scheduler(self.config, self.writer, self.clock), name="gateway-scheduler"
+            )
+            storage = self.config.storage
+            self._search_backfill = asyncio.create_task(
+                search.run_backfill(
+                    self.writer, storage.search_backfill_batch, storage.search_backfill_interval
+                ),
+                name="gateway-search-backfill",
             )
         except BaseException:
             self._stop_metrics()
@@ -164,6 +172,11 @@ class Gateway:
         return self._state
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self._search_backfill is not None:
+            self._search_backfill.cancel()  # a batch under way commits or rolls back whole
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._search_backfill
+            self._search_backfill = None
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

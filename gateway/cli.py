@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     tcalm = tickets_sub.add_parser("calm", help="clear a ticket's upset mark")
     tcalm.add_argument("number", type=_ticket_number, help="the ticket number")
     tcalm.set_defaults(handler=cmd_tickets_calm)
+    add_search_command(tickets_sub)
     add_quarantine_commands(commands)
     add_admin_commands(commands)
     add_outbox_commands(commands)
@@ -2217,6 +2218,70 @@ def _roff_options(parser: argparse.ArgumentParser) -> list[str]:
             names = f"\\fI{_roff(str(action.metavar or action.dest))}\\fR"
         lines += [".TP", names, _roff(action.help or "")]
     return lines
+
+
+# --- tickets search (issue 14) -------------------------------------------------------------
+
+# Tickets `tickets search` shows unless told (--limit).
+_SEARCH_LIMIT = 20
+
+
+def add_search_command(tickets_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tsearch = tickets_sub.add_parser(
+        "search",
+        help="full-text search of filed mail (subject, sender, text), best tickets first",
+        description='QUERY is FTS5 syntax: words (all must match), "a phrase", prefix*, '
+        "AND, OR, NOT and parentheses; subject: or text: limits a word to that field.",
+    )
+    tsearch.add_argument("query", metavar="QUERY", help='e.g. printer, "on fire", print*')
+    tsearch.add_argument("--org", metavar="NAME", help="only this organisation's tickets")
+    tsearch.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    tsearch.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=_SEARCH_LIMIT,
+        metavar="N",
+        help=f"show at most N tickets (default {_SEARCH_LIMIT})",
+    )
+    tsearch.add_argument("--json", action="store_true", help="machine-readable output")
+    tsearch.set_defaults(handler=cmd_tickets_search)
+
+
+def cmd_tickets_search(config: Config, args: argparse.Namespace) -> int:
+    from .store import search  # only this command needs it
+
+    if not args.query.strip():
+        raise CliError("the search query is empty")
+    with closing(open_db(config)) as conn:
+        org_id = sender_actions.find_org(conn, args.org).id if args.org is not None else None
+        try:
+            hits = search.search(
+                conn, args.query, organisation=org_id, status=args.status, limit=args.limit
+            )
+        except search.SearchQueryError as exc:
+            raise CliError(
+                f"not a valid search query: {args.query!r} ({exc}); use words, "
+                '"a phrase", prefix*, AND, OR, NOT and parentheses'
+            ) from None
+        done = search.backfill_pending(conn)
+    if done is not None:
+        # On stderr: --json output stays one document.
+        print(
+            f"gateway: index incomplete: {done:.0%} of the older mail is indexed yet; "
+            "results may miss older tickets",
+            file=sys.stderr,
+        )
+    if args.json:
+        _print_json([hit.to_json() for hit in hits])
+        return 0
+    if not hits:
+        print("no tickets match")
+        return 0
+    for hit in hits:
+        org = f", {hit.organisation}" if hit.organisation else ""
+        print(f"#{hit.number} [{hit.status}{org}] {printable(hit.subject)}")
+        print(f"   {printable(' '.join(hit.snippet.split()))}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -125,6 +125,12 @@ class StorageConfig:
     # Messages purged per write transaction, so a purge never holds intake up for long.
     retain_batch: int = 200
 
+    # The search index of mail stored before it existed (issue 14) is built by the daemon
+    # in batches of this many message ids, one batch per interval (seconds): each is one
+    # bounded unit of the writer's group commit, so intake never waits behind it.
+    search_backfill_batch: int = 500
+    search_backfill_interval: float = 0.5
+
 
 @dataclass(frozen=True)
 class ParserConfig:
@@ -759,6 +765,7 @@ def _validate(config: Config) -> None:
         "smtp.max_commands_per_session": smtp.max_commands_per_session,
         "storage.busy_timeout_ms": config.storage.busy_timeout_ms,
         "storage.retain_batch": config.storage.retain_batch,
+        "storage.search_backfill_batch": config.storage.search_backfill_batch,
         "parser.workers": config.parser.workers,
         "parser.cpu_seconds": config.parser.cpu_seconds,
         "parser.memory_bytes": config.parser.memory_bytes,
@@ -775,6 +782,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.parser.wall_seconds <= 0:
         raise ConfigError("parser.wall_seconds: must be more than 0")
+    if config.storage.search_backfill_interval <= 0:
+        raise ConfigError("storage.search_backfill_interval: must be more than 0")
     if config.storage.min_free_space < 0:
         raise ConfigError("storage.min_free_space: must be 0 (automatic) or more")
     if config.storage.retain_messages_days < 0:

@@ -12,6 +12,7 @@ from typing import Any
 import aiosqlite
 
 from ..model import MessageKind, Via
+from . import search
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ def insert_message(
     row_id = cursor.lastrowid
     assert row_id is not None
     conn.execute("INSERT INTO message_raw (message, raw) VALUES (?, ?)", (row_id, message.raw))
+    if filing is not None and filing.ticket is not None:
+        search.index_message(conn, row_id)  # searchable once committed (issue 14)
     for position, attachment in enumerate(message.attachments):
         conn.execute(
             "INSERT OR IGNORE INTO blobs (sha256, size, data) VALUES (?, ?, ?)",
@@ -159,6 +162,8 @@ def set_filing(conn: sqlite3.Connection, message: int, filing: Filing) -> None:
         """,
         (filing.ticket, filing.kind, filing.via, filing.duplicate_of, message),
     )
+    if filing.ticket is not None:
+        search.index_released(conn, message)
 
 
 def stored_message_from_row(row: dict[str, Any]) -> StoredMessage:

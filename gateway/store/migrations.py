@@ -290,6 +290,37 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_unpurged ON messages (received_at) WHERE purged_at IS NULL;
     CREATE INDEX attachments_by_sha256 ON attachments (sha256);
     """,
+    # 12: indexes for a desk with years of history (issue 14, bench/preload.py): each
+    # listed query of the admin CLI reads through an index, not a scan of the table.
+    # `quarantine list` filters by status and orders by id (newest first); `senders list
+    # --org` and `orgs list` read an organisation's domains.
+    """
+    CREATE INDEX quarantine_by_status_id ON quarantine (status, id);
+    CREATE INDEX org_domains_by_organisation ON org_domains (organisation);
+    -- `desk` counts a unit's tickets by status, owner and due time: all four in the index,
+    -- it never reads the table rows (years of closed tickets) themselves.
+    CREATE INDEX tickets_desk ON tickets (unit, status, owner, next_update_due);
+    """,
+    # 13: full-text search over filed mail (issue 14, gateway/store/search.py). An
+    # external-content FTS5 table over messages, keyed by the message id: the text is not
+    # stored twice. Its persistent rank weighs the subject over the sender over the text
+    # (search.RANK_WEIGHTS). Mail stored before this migration is indexed by the daemon's
+    # backfill in batches, ids search_backfill_next .. search_backfill_end (meta), so the
+    # migration itself stays instant on a database of a million messages.
+    """
+    CREATE VIRTUAL TABLE message_search USING fts5 (
+        subject, from_header, text,
+        content = 'messages', content_rowid = 'id',
+        tokenize = 'unicode61 remove_diacritics 2'
+    );
+    INSERT INTO message_search (message_search, rank) VALUES ('rank', 'bm25(4.0, 2.0, 1.0)');
+    INSERT INTO meta (key, value)
+        SELECT 'search_backfill_end', CAST(MAX(id) AS TEXT) FROM messages
+        HAVING MAX(id) IS NOT NULL;
+    INSERT INTO meta (key, value)
+        SELECT 'search_backfill_next', CAST(MIN(id) AS TEXT) FROM messages
+        HAVING MIN(id) IS NOT NULL;
+    """,
 )
 
 
