@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from gateway import cli as gateway_cli  # noqa: E402
 from gateway import store  # noqa: E402
 from gateway.lookalike import skeleton  # noqa: E402
+from gateway.store import connection as store_connection  # noqa: E402
 from gateway.store import search  # noqa: E402
 
 # The end of the history (the moment the measures run as): a Tuesday, business hours.
@@ -420,6 +421,8 @@ class Traced:
             return conn
 
         gateway_cli.store.connect = connect  # type: ignore[attr-defined]
+        # Read commands open through connect_existing, which calls the module's connect.
+        store_connection.connect = connect
         return self
 
     def _seen(self, sql: str) -> None:
@@ -429,6 +432,7 @@ class Traced:
 
     def __exit__(self, *exc: object) -> None:
         gateway_cli.store.connect = self._connect  # type: ignore[attr-defined]
+        store_connection.connect = self._connect
 
 
 def run_cli(config: Path, argv: Sequence[str], *, check: bool = True) -> tuple[int, float]:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .classify import Kind
+from .phrasescan import may_match
 
 # The documented default of `[upset] threshold` (the config key comes with the wiring).
 DEFAULT_THRESHOLD = 3
@@ -179,6 +180,8 @@ def _phrase_hits(
 ) -> list[Hit]:
     hits = []
     for pattern, _name in table:
+        if not may_match(pattern, text):  # text is lower-cased
+            continue
         for m in pattern.finditer(text):
             if not _negated(text, m.start()):
                 said = " ".join(m.group(0).split())
@@ -212,8 +215,8 @@ _CODE_OR_LOG = re.compile(
 
 def _shouts(line: str) -> int:
     """The number of all-capital words on the line if it shouts, else 0."""
-    if _CODE_OR_LOG.search(line):
-        return 0
+    if len(line) < _SHOUT_LETTERS or line.lower() == line:
+        return 0  # too short, or no capital at all: most lines, at no regex's cost
     words = _CAPS_WORD.findall(line)
     caps = [w for w in words if w.isupper()]
     if len(caps) < _SHOUT_WORDS or len(caps) < _SHOUT_SHARE * len(words):
@@ -222,6 +225,8 @@ def _shouts(line: str) -> int:
     if sum(len(w) >= _LONG_WORD for w in caps) < _SHOUT_LONG_WORDS:
         return 0
     if sum(len(w) for w in caps) < _SHOUT_LETTERS:
+        return 0
+    if _CODE_OR_LOG.search(line):
         return 0
     return len(caps)
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .classify import Kind
+from .phrasescan import may_match
 
 # The text rules read the subject and this many non-blank lines at the start of the readable
 # text, each cut to _MAX_LINE characters: an outage is said at the top, and a long body
@@ -268,7 +269,10 @@ def _phrase_hits(facts: UrgencyFacts, table: PhraseTable) -> list[Hit]:
         places.append(("subject", " ".join(facts.subject.split())))
     places.extend(("text", line) for line in _first_lines(facts.text))
     hits: dict[tuple[str, str], Hit] = {}
+    lowered = "\n".join(line for _, line in places).lower()
     for rule, label, pattern in table.entries:
+        if not may_match(pattern, lowered):
+            continue
         for where, line in places:
             if any(_counts(line, m) for m in pattern.finditer(line)):
                 key = (rule, f"{where}:{label}")
