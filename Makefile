@@ -23,7 +23,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict gateway
 
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
